@@ -1,0 +1,124 @@
+//! `nexus start`: check the config and the directory, start the master detached, and
+//! return once every daemon is up and heartbeating.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::Common;
+use crate::client;
+use crate::config::{Role, SlotName};
+use crate::procscan;
+use crate::protocol::{Request, Response, SlotState};
+use crate::runtime_dir::{LeaderLock, RuntimeDir};
+use crate::spawn::ENV_FRESH_START;
+
+pub fn run(common: &Common) -> Result<(), String> {
+    let cfg = common.load_config()?;
+    let dir = RuntimeDir::resolve(common.runtime_dir.as_deref(), cfg.runtime_dir.as_deref());
+    dir.prepare()?;
+    let lock = dir.leader_lock();
+    if LeaderLock::is_held(&lock) {
+        let pid = LeaderLock::recorded_pid(&lock).map_or("unknown".into(), |p| p.to_string());
+        return Err(format!(
+            "nexus is already running in {} (master pid {pid}); stop it first with ./stop",
+            dir.display()
+        ));
+    }
+    let orphans = procscan::daemons_of(dir.path());
+    if !orphans.is_empty() {
+        let pids: Vec<String> = orphans.iter().map(|f| format!("{} pid {}", f.slot, f.pid)).collect();
+        return Err(format!(
+            "{} daemons of {} are running without a master ({}); run ./stop first",
+            orphans.len(),
+            dir.display(),
+            pids.join(", ")
+        ));
+    }
+    // Leftovers of a crashed run are not a reason to refuse: nothing owns them.
+    dir.remove_sockets();
+    let _ = std::fs::remove_file(dir.stopping_marker());
+    write_private(&dir.config_file(), cfg.to_json().as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", dir.config_file().display()))?;
+
+    let t0 = Instant::now();
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let master_slot = SlotName { role: Role::Communicator, id: 1 };
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(dir.log_file(master_slot))
+        .map_err(|e| format!("cannot open the master's log: {e}"))?;
+    let mut cmd = Command::new(&exe);
+    cmd.args(["daemon", "--role", "communicator", "--id", "1", "--runtime-dir"])
+        .arg(dir.path())
+        .env(ENV_FRESH_START, "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .current_dir("/");
+    // SAFETY: setsid is async-signal-safe; it detaches the master from our terminal so
+    // that closing the shell or a Ctrl-C there does not reach the cluster.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut master = cmd.spawn().map_err(|e| format!("cannot start the master: {e}"))?;
+    let master_pid = master.id();
+
+    let deadline = t0 + Duration::from_millis(cfg.start_timeout_ms);
+    let mut last_missing = vec!["the control socket".to_string()];
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = master.try_wait() {
+            let tail = last_line(&dir.log_file(master_slot));
+            return Err(format!("the master exited at start ({status}): {tail}"));
+        }
+        if let Ok(Response::Status(report)) =
+            client::request(&dir.control_socket(), &Request::Status {}, Duration::from_millis(500))
+        {
+            last_missing = report
+                .members
+                .iter()
+                .filter(|m| m.state != SlotState::Running)
+                .map(|m| format!("{} ({:?})", m.slot(), m.state).to_lowercase())
+                .collect();
+            if last_missing.is_empty() {
+                let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                println!("nexus started in {ms:.1} ms: master pid {master_pid}, runtime dir {}", dir.display());
+                println!(
+                    "{} communicators, {} watchdogs, {} workflows heartbeating (interval {} ms, timeout {} ms)",
+                    cfg.communicators, cfg.watchdogs, cfg.workflows, cfg.interval_ms, cfg.timeout_ms
+                );
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Do not leave half a cluster behind.
+    let _ = super::stop::stop_dir(&dir, cfg.stop_grace_ms, true);
+    Err(format!(
+        "the cluster was not whole within {} ms (start_timeout_ms); not heartbeating: {}; stopped what had started (see {})",
+        cfg.start_timeout_ms,
+        last_missing.join(", "),
+        dir.logs_dir().display()
+    ))
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    std::fs::rename(tmp, path)
+}
+
+fn last_line(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.lines().last().map(str::to_string))
+        .unwrap_or_else(|| "no log".into())
+}

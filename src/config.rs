@@ -1,0 +1,328 @@
+//! The cluster configuration: defaults, parsing and validation.
+//!
+//! Parsing is done by hand over a `serde_json::Value` rather than with a derived
+//! `Deserialize`, because serde's type errors do not name the key at fault and a user
+//! with a broken config needs to know which line to fix.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The three kinds of daemon the universal binary can become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Communicator,
+    Watchdog,
+    Workflow,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Communicator, Role::Watchdog, Role::Workflow];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Communicator => "communicator",
+            Role::Watchdog => "watchdog",
+            Role::Workflow => "workflow",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A daemon's place in the cluster: its role and its 1-based id within the role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SlotName {
+    pub role: Role,
+    pub id: u32,
+}
+
+impl fmt::Display for SlotName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.role, self.id)
+    }
+}
+
+impl SlotName {
+    /// Parses `workflow-3`.
+    pub fn parse(s: &str) -> Option<SlotName> {
+        let (role, id) = s.rsplit_once('-')?;
+        let role = Role::parse(role)?;
+        let id: u32 = id.parse().ok()?;
+        (id >= 1).then_some(SlotName { role, id })
+    }
+}
+
+pub const MAX_COMMUNICATORS: u32 = 8;
+pub const MAX_WATCHDOGS: u32 = 15;
+pub const MAX_WORKFLOWS: u32 = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub communicators: u32,
+    pub watchdogs: u32,
+    pub workflows: u32,
+    /// How often every daemon heartbeats to every watchdog.
+    pub interval_ms: u64,
+    /// Silence longer than this is a failure.
+    pub timeout_ms: u64,
+    /// `stop`: how long a daemon gets between SIGTERM and SIGKILL.
+    pub stop_grace_ms: u64,
+    /// `start`: how long to wait for every daemon to be up and heartbeating.
+    pub start_timeout_ms: u64,
+    /// Delay before the second restart of a slot that keeps failing; doubles each time.
+    pub backoff_initial_ms: u64,
+    /// The longest backoff, and the retry period of a slot marked failed.
+    pub backoff_max_ms: u64,
+    /// More than `restart_intensity` restarts within `restart_period_ms` marks a slot failed.
+    pub restart_intensity: u32,
+    pub restart_period_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_dir: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            communicators: 2,
+            watchdogs: 3,
+            workflows: 5,
+            interval_ms: 2000,
+            timeout_ms: 6000,
+            stop_grace_ms: 2000,
+            start_timeout_ms: 10_000,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 30_000,
+            restart_intensity: 10,
+            restart_period_ms: 60_000,
+            runtime_dir: None,
+        }
+    }
+}
+
+/// Every key the config accepts, with the one-line description `nexus help config` shows.
+pub const KEYS: &[(&str, &str)] = &[
+    ("communicators", "number of communicators (1-8); the one holding leader.lock is the master"),
+    ("watchdogs", "number of watchdogs (1-15); a majority must agree before a hung daemon is killed"),
+    ("workflows", "number of workflows (0-10000)"),
+    ("interval_ms", "heartbeat period in ms (10-60000)"),
+    ("timeout_ms", "silence after which a daemon is declared hung, in ms (at least 2 x interval_ms)"),
+    ("stop_grace_ms", "stop: time between SIGTERM and SIGKILL, in ms (0-60000)"),
+    ("start_timeout_ms", "start: how long to wait for every daemon to heartbeat, in ms (100-600000)"),
+    ("backoff_initial_ms", "delay before the second quick restart of a crashing slot, doubled each time"),
+    ("backoff_max_ms", "longest restart delay; a failed slot is retried this often"),
+    ("restart_intensity", "restarts allowed within restart_period_ms before a slot is marked failed"),
+    ("restart_period_ms", "the window restart_intensity counts over, in ms"),
+    ("runtime_dir", "runtime directory (overridden by --runtime-dir and NEXUS_RUNTIME_DIR)"),
+];
+
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+        Config::parse(&text).map_err(|e| ConfigError(format!("config {}: {}", path.display(), e.0)))
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| ConfigError(format!("not valid JSON: {e}")))?;
+        let Value::Object(map) = value else {
+            return Err(ConfigError("the top level must be a JSON object".into()));
+        };
+        let mut cfg = Config::default();
+        for (key, value) in &map {
+            cfg.set(key, value)?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn set(&mut self, key: &str, value: &Value) -> Result<(), ConfigError> {
+        match key {
+            "communicators" => self.communicators = count(key, value, 1, MAX_COMMUNICATORS)?,
+            "watchdogs" => self.watchdogs = count(key, value, 1, MAX_WATCHDOGS)?,
+            "workflows" => self.workflows = count(key, value, 0, MAX_WORKFLOWS)?,
+            "interval_ms" => self.interval_ms = millis(key, value, 10, 60_000)?,
+            "timeout_ms" => self.timeout_ms = millis(key, value, 20, 600_000)?,
+            "stop_grace_ms" => self.stop_grace_ms = millis(key, value, 0, 60_000)?,
+            "start_timeout_ms" => self.start_timeout_ms = millis(key, value, 100, 600_000)?,
+            "backoff_initial_ms" => self.backoff_initial_ms = millis(key, value, 1, 600_000)?,
+            "backoff_max_ms" => self.backoff_max_ms = millis(key, value, 1, 3_600_000)?,
+            "restart_intensity" => self.restart_intensity = count(key, value, 1, 1_000_000)?,
+            "restart_period_ms" => self.restart_period_ms = millis(key, value, 1, 86_400_000)?,
+            "runtime_dir" => match value {
+                Value::String(s) if !s.is_empty() => self.runtime_dir = Some(PathBuf::from(s)),
+                Value::Null => self.runtime_dir = None,
+                other => return Err(type_error(key, "a non-empty path string", other)),
+            },
+            _ => {
+                let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+                return Err(ConfigError(format!(
+                    "unknown key `{key}` (known keys: {})",
+                    known.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.timeout_ms < 2 * self.interval_ms {
+            return Err(ConfigError(format!(
+                "`timeout_ms` ({}) must be at least twice `interval_ms` ({}), or a single late heartbeat would count as a failure",
+                self.timeout_ms, self.interval_ms
+            )));
+        }
+        if self.backoff_max_ms < self.backoff_initial_ms {
+            return Err(ConfigError(format!(
+                "`backoff_max_ms` ({}) must not be below `backoff_initial_ms` ({})",
+                self.backoff_max_ms, self.backoff_initial_ms
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn count_of(&self, role: Role) -> u32 {
+        match role {
+            Role::Communicator => self.communicators,
+            Role::Watchdog => self.watchdogs,
+            Role::Workflow => self.workflows,
+        }
+    }
+
+    /// Every slot of the cluster in a fixed order (communicators, watchdogs, workflows);
+    /// `slot_index` maps a name back to its position.
+    pub fn slots(&self) -> Vec<SlotName> {
+        Role::ALL
+            .into_iter()
+            .flat_map(|role| (1..=self.count_of(role)).map(move |id| SlotName { role, id }))
+            .collect()
+    }
+
+    pub fn slot_index(&self, name: SlotName) -> Option<usize> {
+        if name.id == 0 || name.id > self.count_of(name.role) {
+            return None;
+        }
+        let base = match name.role {
+            Role::Communicator => 0,
+            Role::Watchdog => self.communicators,
+            Role::Workflow => self.communicators + self.watchdogs,
+        };
+        Some((base + name.id - 1) as usize)
+    }
+
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serializing a struct of plain numbers and an optional path cannot fail.
+        serde_json::to_string_pretty(self).expect("config serializes") + "\n"
+    }
+}
+
+fn type_error(key: &str, expected: &str, got: &Value) -> ConfigError {
+    let got = match got {
+        Value::Null => "null".to_string(),
+        Value::Bool(b) => format!("the boolean {b}"),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Array(_) => "a list".to_string(),
+        Value::Object(_) => "an object".to_string(),
+    };
+    ConfigError(format!("`{key}` must be {expected}, got {got}"))
+}
+
+fn whole_number(key: &str, value: &Value, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let n = value
+        .as_u64()
+        .ok_or_else(|| type_error(key, &format!("a whole number from {min} to {max}"), value))?;
+    if n < min || n > max {
+        return Err(ConfigError(format!("`{key}` is {n}, but must be from {min} to {max}")));
+    }
+    Ok(n)
+}
+
+fn count(key: &str, value: &Value, min: u32, max: u32) -> Result<u32, ConfigError> {
+    whole_number(key, value, min.into(), max.into()).map(|n| n as u32)
+}
+
+fn millis(key: &str, value: &Value, min: u64, max: u64) -> Result<u64, ConfigError> {
+    whole_number(key, value, min, max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_from_empty_object() {
+        assert_eq!(Config::parse("{}").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (r#"{"workflows": "five"}"#, "`workflows`"),
+            (r#"{"bogus": 1}"#, "`bogus`"),
+            (r#"{"communicators": 0}"#, "`communicators`"),
+            (r#"{"watchdogs": 0}"#, "`watchdogs`"),
+            (r#"{"workflows": 1000000}"#, "`workflows`"),
+            (r#"{"interval_ms": 1000, "timeout_ms": 1000}"#, "`timeout_ms`"),
+            (r#"{"interval_ms": -5}"#, "`interval_ms`"),
+            (r#"{"timeout_ms": 1.5}"#, "`timeout_ms`"),
+            (r#"{"runtime_dir": 3}"#, "`runtime_dir`"),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(text).unwrap_err().0;
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        assert!(Config::parse("[1]").is_err());
+        assert!(Config::parse("{").unwrap_err().0.contains("JSON"));
+    }
+
+    #[test]
+    fn slot_index_matches_slots_order() {
+        let cfg = Config { communicators: 2, watchdogs: 3, workflows: 4, ..Config::default() };
+        for (i, s) in cfg.slots().into_iter().enumerate() {
+            assert_eq!(cfg.slot_index(s), Some(i));
+        }
+        assert_eq!(cfg.slot_index(SlotName { role: Role::Workflow, id: 5 }), None);
+        assert_eq!(cfg.slot_index(SlotName { role: Role::Watchdog, id: 0 }), None);
+    }
+
+    #[test]
+    fn slot_names_parse() {
+        assert_eq!(
+            SlotName::parse("workflow-12"),
+            Some(SlotName { role: Role::Workflow, id: 12 })
+        );
+        assert_eq!(SlotName::parse("workflow-0"), None);
+        assert_eq!(SlotName::parse("nope-1"), None);
+    }
+}

@@ -1,0 +1,207 @@
+//! What every role shares: its context, logging, signals as an event source, the
+//! heartbeat sender, and one-way reports to the master.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mio::net::UnixStream as MioStream;
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+
+use crate::config::{Config, Role, SlotName};
+use crate::protocol::{self, Datagram, Request};
+use crate::runtime_dir::RuntimeDir;
+
+/// Who this daemon is and the cluster it belongs to.
+pub struct DaemonCtx {
+    pub slot: SlotName,
+    pub dir: RuntimeDir,
+    pub config: Config,
+    /// The binary to exec for every daemon we spawn: resolved once at start, so that a
+    /// rebuild under our feet does not leave us pointing at a deleted file.
+    pub exe: PathBuf,
+    pub pid: i32,
+}
+
+pub fn init_logging(tag: &str) {
+    let tag = tag.to_string();
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(log::LevelFilter::Info);
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&spec);
+    }
+    builder
+        .format(move |buf, record| {
+            writeln!(
+                buf,
+                "{} {:<5} {} [{}] {}",
+                crate::ledger::rfc3339_now(),
+                record.level(),
+                tag,
+                std::process::id(),
+                record.args()
+            )
+        })
+        .init();
+}
+
+/// SIGTERM, SIGINT and SIGHUP delivered as readable bytes on a socket the event loop
+/// polls, so a role handles a signal like any other event, outside signal context.
+pub struct Signals {
+    pub source: MioStream,
+    terminate: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Signals {
+    pub fn new() -> io::Result<Signals> {
+        let (read, write) = std::os::unix::net::UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        let terminate = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, terminate.clone())?;
+            signal_hook::low_level::pipe::register(sig, write.try_clone()?)?;
+        }
+        // Daemons are detached: a hangup means nothing to them.
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, write)?;
+        Ok(Signals { source: MioStream::from_std(read), terminate })
+    }
+
+    /// Drains the wake-up bytes; true if a termination signal has arrived.
+    pub fn drain(&mut self) -> bool {
+        let mut buf = [0u8; 64];
+        while matches!(self.source.read(&mut buf), Ok(n) if n > 0) {}
+        self.terminate.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Sends this daemon's heartbeat to every watchdog but itself, each interval.
+pub struct Heartbeater {
+    sock: UnixDatagram,
+    targets: Vec<PathBuf>,
+    control: PathBuf,
+    slot: SlotName,
+    pid: i32,
+    seq: u64,
+    interval: Duration,
+    next: Instant,
+    /// Until the master has our ready message we keep offering it with each beat.
+    ready_told: bool,
+    started: Instant,
+}
+
+impl Heartbeater {
+    pub fn new(ctx: &DaemonCtx) -> io::Result<Heartbeater> {
+        let sock = UnixDatagram::unbound()?;
+        // A hung watchdog's full queue must never block us.
+        sock.set_nonblocking(true)?;
+        let targets = (1..=ctx.config.watchdogs)
+            .filter(|&n| !(ctx.slot.role == Role::Watchdog && ctx.slot.id == n))
+            .map(|n| ctx.dir.heartbeat_socket(n))
+            .collect();
+        Ok(Heartbeater {
+            sock,
+            targets,
+            control: ctx.dir.control_socket(),
+            slot: ctx.slot,
+            pid: ctx.pid,
+            seq: 0,
+            interval: ctx.config.interval(),
+            next: Instant::now(),
+            ready_told: false,
+            started: Instant::now(),
+        })
+    }
+
+    /// The master itself is ready by definition and sends no ready message.
+    pub fn mark_ready_told(&mut self) {
+        self.ready_told = true;
+    }
+
+    pub fn next_due(&self) -> Instant {
+        self.next
+    }
+
+    /// Beats if due; returns how many watchdogs took the beat (None if not due).
+    pub fn tick(&mut self, now: Instant) -> Option<usize> {
+        if now < self.next {
+            return None;
+        }
+        self.seq += 1;
+        let msg = protocol::encode(&Datagram::Heartbeat {
+            role: self.slot.role,
+            id: self.slot.id,
+            pid: self.pid,
+            seq: self.seq,
+        });
+        let delivered = self.targets.iter().filter(|t| self.sock.send_to(&msg, t).is_ok()).count();
+        let heard = delivered > 0 || self.targets.is_empty();
+        if heard && !self.ready_told {
+            self.ready_told = send_request(
+                &self.control,
+                &Request::Ready { role: self.slot.role, id: self.slot.id, pid: self.pid },
+            )
+            .is_ok();
+        }
+        // While starting up, the watchdogs' sockets or the master's may not exist yet:
+        // retry soon rather than a whole interval later, for a couple of seconds.
+        let early = self.started.elapsed() < Duration::from_secs(2);
+        let retry = early && (!heard || !self.ready_told);
+        self.next = now + if retry { self.interval.min(Duration::from_millis(5)) } else { self.interval };
+        Some(delivered)
+    }
+}
+
+/// Fire-and-forget delivery of one request line to the master: a non-blocking connect
+/// and one small write, so a hung master can never stall the sender.
+pub fn send_request(control: &Path, req: &Request) -> io::Result<()> {
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(control)?;
+    socket::connect(fd.as_raw_fd(), &addr)?;
+    let line = protocol::encode_line(req);
+    let n = nix::unistd::write(&fd, &line)?;
+    if n != line.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "short write to control socket"));
+    }
+    Ok(())
+}
+
+/// Counts rejected input and logs it at most once a second, so garbage can neither
+/// crash a daemon nor flood its log.
+pub struct Rejections {
+    pub count: u64,
+    last_log: Option<Instant>,
+}
+
+impl Rejections {
+    pub fn new() -> Rejections {
+        Rejections { count: 0, last_log: None }
+    }
+
+    pub fn reject(&mut self, what: std::fmt::Arguments<'_>) {
+        self.count += 1;
+        let now = Instant::now();
+        if self.last_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            self.last_log = Some(now);
+            log::warn!("rejected ({} so far): {what}", self.count);
+        }
+    }
+}
+
+impl Default for Rejections {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The poll timeout that wakes us at `deadline` (rounded up, so we never spin).
+pub fn timeout_until(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now()) + Duration::from_micros(100)
+}

@@ -1,0 +1,113 @@
+//! The event ledger `events.jsonl`: one JSON object per line, appended by the master.
+//! Chaos tests and benchmarks read their figures from it, so every recovery carries its
+//! cause and timings.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Role;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub ts: String,
+    pub event: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub role: Option<Role>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub id: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pid: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub old_pid: Option<i32>,
+    /// `crash`, `hang` or `failover`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cause: Option<String>,
+    /// Failure to its detection.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub detect_ms: Option<f64>,
+    /// Detection to the replacement's ready message.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub recover_ms: Option<f64>,
+    /// Free text: an exit status, a reason.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub detail: Option<String>,
+}
+
+impl Event {
+    pub fn new(event: &str) -> Event {
+        Event { ts: rfc3339_now(), event: event.to_string(), ..Event::default() }
+    }
+}
+
+pub struct Ledger {
+    file: File,
+}
+
+impl Ledger {
+    pub fn open(path: &Path) -> io::Result<Ledger> {
+        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+        Ok(Ledger { file })
+    }
+
+    /// Appends one line with a single write, so concurrent readers never see half a line.
+    pub fn append(&mut self, event: &Event) {
+        let mut line = serde_json::to_vec(event).expect("event serializes");
+        line.push(b'\n');
+        if let Err(e) = self.file.write_all(&line) {
+            log::warn!("cannot append to the event ledger: {e}");
+        }
+    }
+}
+
+pub fn unix_ms_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub fn rfc3339_now() -> String {
+    rfc3339(unix_ms_now())
+}
+
+/// `2026-11-22T09:02:20.123Z` for a count of ms since the epoch (UTC, no leap seconds).
+pub fn rfc3339(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_ms % 1000
+    )
+}
+
+/// Howard Hinnant's days-to-civil conversion.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_795_338_140_123), "2026-11-22T09:02:20.123Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,242 @@
+//! nexus: a self-healing cluster of local daemons. One binary: the CLI users type, and
+//! every daemon (`nexus daemon --role R --id N --runtime-dir DIR`).
+
+mod client;
+mod commands;
+mod config;
+mod daemon;
+mod ledger;
+mod procscan;
+mod protocol;
+mod roles;
+mod runtime_dir;
+mod spawn;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use commands::Common;
+use config::{Config, Role, SlotName};
+use daemon::DaemonCtx;
+use runtime_dir::RuntimeDir;
+
+const USAGE: &str = "\
+nexus — a self-healing cluster of local daemons
+
+Usage:
+  nexus start   [--config PATH] [--runtime-dir DIR]   start the cluster; returns once every daemon heartbeats
+  nexus stop    [--runtime-dir DIR]                   stop it: workflows, watchdogs, standbys, master
+  nexus status  [--json] [--runtime-dir DIR]          one row per daemon (exit 0 whole, 1 degraded, 3 not running)
+  nexus events  [-n N] [--json] [--follow]            the event ledger (last 20 by default)
+  nexus help config                                   every config key
+  nexus daemon --role ROLE --id N --runtime-dir DIR   (internal: how the master starts each daemon)
+
+The runtime directory is --runtime-dir, else $NEXUS_RUNTIME_DIR, else the config's
+runtime_dir, else /tmp/nexus. The config is --config, else $NEXUS_CONFIG, else
+runtime/nexus_config.json if present, else the built-in defaults.
+Logs: DIR/logs/ROLE-ID.log (RUST_LOG=debug for more). Ledger: DIR/events.jsonl.
+";
+
+/// Test-only fault injection: `NEXUS_FAULT=crash:workflow-2,mute:watchdog-1` makes those
+/// daemons exit at once (crash) or never heartbeat (mute). Production never sets it.
+const ENV_FAULT: &str = "NEXUS_FAULT";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match dispatch(&args) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(Failure::Usage(msg)) => {
+            eprintln!("nexus: {msg}\nRun `nexus help` for usage.");
+            ExitCode::from(2)
+        }
+        Err(Failure::Error(msg)) => {
+            eprintln!("nexus: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Error(String),
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Failure::Error(s)
+    }
+}
+
+/// A tiny flag parser: every command's flags are few and known.
+struct Args<'a> {
+    rest: std::slice::Iter<'a, String>,
+}
+
+impl<'a> Args<'a> {
+    fn value(&mut self, flag: &str) -> Result<&'a str, Failure> {
+        self.rest.next().map(String::as_str).ok_or_else(|| Failure::Usage(format!("{flag} needs a value")))
+    }
+}
+
+fn dispatch(args: &[String]) -> Result<i32, Failure> {
+    let Some((cmd, rest)) = args.split_first() else {
+        print!("{USAGE}");
+        return Ok(2);
+    };
+    let mut common = Common::default();
+    let mut json = false;
+    let mut follow = false;
+    let mut last = 20usize;
+    let mut role = None;
+    let mut id = None;
+    let mut positional = Vec::new();
+    let mut it = Args { rest: rest.iter() };
+    while let Some(arg) = it.rest.next() {
+        match arg.as_str() {
+            "--runtime-dir" => common.runtime_dir = Some(PathBuf::from(it.value(arg)?)),
+            "--config" => common.config = Some(PathBuf::from(it.value(arg)?)),
+            "--json" => json = true,
+            "-f" | "--follow" => follow = true,
+            "-n" => {
+                last = it.value(arg)?.parse().map_err(|_| Failure::Usage("-n takes a number".into()))?
+            }
+            "--role" => role = Some(it.value(arg)?.to_string()),
+            "--id" => id = Some(it.value(arg)?.to_string()),
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                return Ok(0);
+            }
+            s if s.starts_with('-') => return Err(Failure::Usage(format!("unknown option {s} for `{cmd}`"))),
+            s => positional.push(s.to_string()),
+        }
+    }
+    let no_positional = |p: &[String]| match p.first() {
+        Some(x) => Err(Failure::Usage(format!("unexpected argument `{x}` for `{cmd}`"))),
+        None => Ok(()),
+    };
+    match cmd.as_str() {
+        "start" => {
+            no_positional(&positional)?;
+            commands::start::run(&common)?;
+            Ok(0)
+        }
+        "stop" => {
+            no_positional(&positional)?;
+            commands::stop::run(&common)?;
+            Ok(0)
+        }
+        "status" => {
+            no_positional(&positional)?;
+            Ok(commands::status::run(&common, json)?)
+        }
+        "events" => {
+            no_positional(&positional)?;
+            commands::events::run(&common, &commands::events::Options { last, json, follow })?;
+            Ok(0)
+        }
+        "daemon" => {
+            let role = role.ok_or_else(|| Failure::Usage("daemon needs --role".into()))?;
+            let role = Role::parse(&role)
+                .ok_or_else(|| Failure::Usage(format!("unknown role `{role}` (communicator, watchdog, workflow)")))?;
+            let id: u32 = id
+                .and_then(|s| s.parse().ok())
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| Failure::Usage("daemon needs --id N (1 or more)".into()))?;
+            let dir = common.runtime_dir.ok_or_else(|| Failure::Usage("daemon needs --runtime-dir".into()))?;
+            Ok(run_daemon(SlotName { role, id }, RuntimeDir::at(&dir)))
+        }
+        "help" | "--help" | "-h" => {
+            if positional.first().map(String::as_str) == Some("config") {
+                println!("Config keys (JSON object; unknown keys are refused):");
+                let d = Config::default().to_json();
+                for (key, help) in config::KEYS {
+                    println!("  {key:<20} {help}");
+                }
+                println!("\nDefaults:\n{d}");
+            } else {
+                print!("{USAGE}");
+            }
+            Ok(0)
+        }
+        "--version" | "version" => {
+            println!("nexus {}", env!("CARGO_PKG_VERSION"));
+            Ok(0)
+        }
+        other => Err(Failure::Usage(format!("unknown command `{other}`"))),
+    }
+}
+
+/// A daemon's life: private umask, its log, its config from the runtime directory, then
+/// its role's event loop. Returns the exit code.
+fn run_daemon(slot: SlotName, dir: RuntimeDir) -> i32 {
+    // Sockets and files we create are ours alone.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    daemon::init_logging(&slot.to_string());
+    let config = match Config::load(&dir.config_file()) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("{e}");
+            return 1;
+        }
+    };
+    if config.slot_index(slot).is_none() {
+        log::error!("{slot} is not a slot of this cluster's config");
+        return 1;
+    }
+    if let Some(code) = injected_fault(slot) {
+        return code;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("cannot find my own binary: {e}");
+            return 1;
+        }
+    };
+    let ctx = DaemonCtx { slot, dir, config, exe, pid: std::process::id() as i32 };
+    let result = match slot.role {
+        Role::Communicator => roles::communicator::run(ctx),
+        Role::Watchdog => roles::watchdog::run(ctx),
+        Role::Workflow => roles::workflow::run(ctx),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("{e}");
+            1
+        }
+    }
+}
+
+fn injected_fault(slot: SlotName) -> Option<i32> {
+    let spec = std::env::var(ENV_FAULT).ok()?;
+    for item in spec.split(',') {
+        let Some((kind, target)) = item.split_once(':') else { continue };
+        if SlotName::parse(target) != Some(slot) {
+            continue;
+        }
+        match kind {
+            "crash" => {
+                log::warn!("{ENV_FAULT}: crashing at start");
+                return Some(1);
+            }
+            "mute" => {
+                log::warn!("{ENV_FAULT}: never heartbeating");
+                let mut signals = daemon::Signals::new().ok()?;
+                let mut poll = mio::Poll::new().ok()?;
+                poll.registry().register(&mut signals.source, mio::Token(0), mio::Interest::READABLE).ok()?;
+                let mut events = mio::Events::with_capacity(4);
+                // Bounded: a muted daemon waits at most an hour for its signal.
+                for _ in 0..3600 {
+                    let _ = poll.poll(&mut events, Some(std::time::Duration::from_secs(1)));
+                    if !events.is_empty() && signals.drain() {
+                        return Some(0);
+                    }
+                }
+                return Some(0);
+            }
+            _ => {}
+        }
+    }
+    None
+}

@@ -1,0 +1,863 @@
+//! A communicator. The one holding `leader.lock` is the master: it spawns every other
+//! daemon, holds a pidfd for each, answers the control socket and respawns what fails.
+//! The others are standbys: they heartbeat like any daemon while a helper thread waits on
+//! the lock; when the kernel hands it over (the master died), the standby becomes master,
+//! adopting the running daemons from /proc.
+//!
+//! The loop's events: signals, the lock hand-over, the control socket and its
+//! connections, one pidfd per daemon, and deadlines (heartbeat, delayed restarts,
+//! connection time-outs).
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use mio::net::{UnixListener, UnixStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use nix::sys::socket::{self, sockopt};
+
+use crate::config::{Role, SlotName};
+use crate::daemon::{DaemonCtx, Heartbeater, Rejections, Signals, timeout_until};
+use crate::ledger::{Event, Ledger, unix_ms_now};
+use crate::procscan;
+use crate::protocol::{self, Member, Request, Response, SlotState, StatusReport};
+use crate::runtime_dir::LeaderLock;
+use crate::spawn;
+
+const SIGNALS: Token = Token(0);
+const CONTROL: Token = Token(1);
+const LOCK_HANDOVER: Token = Token(2);
+const PIDFD_BASE: usize = 1 << 20;
+const CONN_BASE: usize = 1 << 30;
+
+/// A control connection that has not finished its request by then is dropped.
+const CONN_TIMEOUT: Duration = Duration::from_secs(2);
+/// A process that dies sooner than this after its start is a quick failure and backs off.
+const QUICK_FAILURE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    Crash,
+    Hang,
+    Failover,
+}
+
+impl Cause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Cause::Crash => "crash",
+            Cause::Hang => "hang",
+            Cause::Failover => "failover",
+        }
+    }
+}
+
+/// A failure being recovered: opened at detection, closed by the replacement's ready.
+#[derive(Debug, Clone, Copy)]
+struct Recovery {
+    cause: Cause,
+    old_pid: i32,
+    detected: Instant,
+    detect_ms: f64,
+}
+
+struct Proc {
+    pid: i32,
+    /// None for the master's own slot: it cannot watch itself.
+    pidfd: Option<OwnedFd>,
+    child: bool,
+    started: Instant,
+    started_ms: u64,
+    ready: bool,
+    /// Watchdogs that reported this pid silent.
+    votes: Vec<u32>,
+    /// Set once we have decided to kill it for a hang.
+    killing: Option<Recovery>,
+}
+
+struct Slot {
+    name: SlotName,
+    proc: Option<Proc>,
+    pending: Option<Recovery>,
+    restart_at: Option<Instant>,
+    recent_restarts: VecDeque<Instant>,
+    quick_failures: u32,
+    failed: bool,
+    restarts: u32,
+    last_cause: Option<Cause>,
+}
+
+struct Conn {
+    stream: UnixStream,
+    peer_pid: i32,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    written: usize,
+    opened: Instant,
+}
+
+struct Master {
+    _lock: LeaderLock,
+    listener: UnixListener,
+    conns: HashMap<usize, Conn>,
+    next_conn: usize,
+    slots: Vec<Slot>,
+    ledger: Ledger,
+    stopping: bool,
+    rejected: Rejections,
+    whole_logged: bool,
+}
+
+struct Communicator {
+    ctx: DaemonCtx,
+    poll: Poll,
+    heart: Heartbeater,
+    master: Option<Master>,
+    handover: Option<mpsc::Receiver<io::Result<LeaderLock>>>,
+    uid: u32,
+}
+
+pub fn run(ctx: DaemonCtx) -> Result<(), String> {
+    let fresh = std::env::var_os(spawn::ENV_FRESH_START).is_some();
+    // SAFETY: single-threaded at this point; removing our own marker variable.
+    unsafe { std::env::remove_var(spawn::ENV_FRESH_START) };
+    raise_fd_limit();
+
+    let poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
+    let mut signals = Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    poll.registry()
+        .register(&mut signals.source, SIGNALS, Interest::READABLE)
+        .map_err(|e| format!("cannot poll signals: {e}"))?;
+    let heart = Heartbeater::new(&ctx).map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
+    let lock_path = ctx.dir.leader_lock();
+    let lock = LeaderLock::try_acquire(&lock_path)
+        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+    let mut comm = Communicator {
+        poll,
+        heart,
+        master: None,
+        handover: None,
+        uid: nix::unistd::geteuid().as_raw(),
+        ctx,
+    };
+    match lock {
+        Some(lock) => comm.become_master(lock, fresh)?,
+        None if fresh => {
+            let holder = LeaderLock::recorded_pid(&lock_path).unwrap_or(0);
+            return Err(format!(
+                "another master (pid {holder}) already runs in {}",
+                comm.ctx.dir.display()
+            ));
+        }
+        None => comm.wait_for_lock()?,
+    }
+
+    let mut events = Events::with_capacity(256);
+    loop {
+        let now = Instant::now();
+        comm.heart.tick(now);
+        let mut wake = comm.heart.next_due();
+        if let Some(m) = comm.master.as_mut() {
+            m.run_due_restarts(&comm.ctx, &comm.poll, now);
+            if let Some(t) = m.next_deadline() {
+                wake = wake.min(t);
+            }
+        }
+        if let Err(e) = comm.poll.poll(&mut events, Some(timeout_until(wake))) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(format!("poll failed: {e}"));
+            }
+        }
+        for event in events.iter() {
+            match event.token() {
+                SIGNALS => {
+                    if signals.drain() {
+                        comm.terminate();
+                        return Ok(());
+                    }
+                }
+                LOCK_HANDOVER => comm.on_handover()?,
+                t => {
+                    if let Some(m) = comm.master.as_mut() {
+                        m.on_event(&comm.ctx, &comm.poll, t, comm.uid);
+                    }
+                }
+            }
+        }
+        if let Some(m) = comm.master.as_mut() {
+            m.expire_conns(&comm.poll);
+        }
+    }
+}
+
+/// A master at scale holds two fds per daemon (pidfd, connection bursts); the default
+/// soft limit of 1024 is too low for a thousand workflows.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+impl Communicator {
+    /// A standby: a small helper thread blocks on the lock and wakes the loop when the
+    /// kernel hands it over, so our heartbeats go on meanwhile.
+    fn wait_for_lock(&mut self) -> Result<(), String> {
+        let waker = Waker::new(self.poll.registry(), LOCK_HANDOVER)
+            .map_err(|e| format!("cannot create waker: {e}"))?;
+        let (tx, rx) = mpsc::channel();
+        let path = self.ctx.dir.leader_lock();
+        std::thread::Builder::new()
+            .name("leader-lock".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let _ = tx.send(LeaderLock::acquire_blocking(&path));
+                let _ = waker.wake();
+                // Keep the waker alive until the main loop has read the lock.
+                std::thread::sleep(Duration::from_secs(1));
+            })
+            .map_err(|e| format!("cannot start the lock thread: {e}"))?;
+        self.handover = Some(rx);
+        log::info!("standby: waiting for the leader lock");
+        Ok(())
+    }
+
+    fn on_handover(&mut self) -> Result<(), String> {
+        let Some(rx) = self.handover.as_ref() else { return Ok(()) };
+        match rx.try_recv() {
+            Ok(Ok(lock)) => {
+                self.handover = None;
+                self.become_master(lock, false)
+            }
+            Ok(Err(e)) => Err(format!("waiting for the leader lock failed: {e}")),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn become_master(&mut self, mut lock: LeaderLock, fresh: bool) -> Result<(), String> {
+        let dir = &self.ctx.dir;
+        if !fresh && dir.stopping_marker().exists() {
+            log::info!("the cluster is being stopped: not taking over");
+            std::process::exit(0);
+        }
+        let previous = LeaderLock::recorded_pid(&dir.leader_lock()).filter(|&p| p != self.ctx.pid);
+        lock.write_pid(self.ctx.pid as u32).map_err(|e| format!("cannot write leader.lock: {e}"))?;
+
+        // The control socket first: it is what clients are waiting for.
+        let path = dir.control_socket();
+        let _ = std::fs::remove_file(&path);
+        let mut listener =
+            UnixListener::bind(&path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+        self.poll
+            .registry()
+            .register(&mut listener, CONTROL, Interest::READABLE)
+            .map_err(|e| format!("cannot poll the control socket: {e}"))?;
+        let ledger = Ledger::open(&dir.events()).map_err(|e| format!("cannot open the ledger: {e}"))?;
+
+        let slots = self
+            .ctx
+            .config
+            .slots()
+            .into_iter()
+            .map(|name| Slot {
+                name,
+                proc: None,
+                pending: None,
+                restart_at: None,
+                recent_restarts: VecDeque::new(),
+                quick_failures: 0,
+                failed: false,
+                restarts: 0,
+                last_cause: None,
+            })
+            .collect();
+        let mut m = Master {
+            _lock: lock,
+            listener,
+            conns: HashMap::new(),
+            next_conn: 0,
+            slots,
+            ledger,
+            stopping: false,
+            rejected: Rejections::new(),
+            whole_logged: false,
+        };
+        let me = self.ctx.config.slot_index(self.ctx.slot).ok_or("our own slot is not in the config")?;
+        m.slots[me].proc = Some(Proc {
+            pid: self.ctx.pid,
+            pidfd: None,
+            child: false,
+            started: Instant::now(),
+            started_ms: unix_ms_now(),
+            ready: true,
+            votes: Vec::new(),
+            killing: None,
+        });
+        self.heart.mark_ready_told();
+        m.adopt(&self.ctx, &self.poll);
+
+        let mut ev = Event::new(if fresh { "started" } else { "leader" });
+        ev.role = Some(Role::Communicator);
+        ev.id = Some(self.ctx.slot.id);
+        ev.pid = Some(self.ctx.pid);
+        if !fresh {
+            ev.old_pid = previous;
+            ev.cause = Some("failover".into());
+        }
+        m.ledger.append(&ev);
+        log::info!("master of {} (previous master: {previous:?})", dir.display());
+
+        // Watchdogs first, so the others find their sockets when they first beat.
+        let now = Instant::now();
+        let order = Role::ALL.map(|r| if r == Role::Communicator { Role::Watchdog } else if r == Role::Watchdog { Role::Communicator } else { r });
+        for role in order {
+            for i in 0..m.slots.len() {
+                if m.slots[i].name.role != role || m.slots[i].proc.is_some() {
+                    continue;
+                }
+                if !fresh {
+                    // A takeover: the slot lost its process along with the old master.
+                    let was_master = role == Role::Communicator;
+                    m.slots[i].pending = Some(Recovery {
+                        cause: if was_master { Cause::Failover } else { Cause::Crash },
+                        old_pid: if was_master { previous.unwrap_or(0) } else { 0 },
+                        detected: now,
+                        detect_ms: 0.0,
+                    });
+                }
+                m.spawn_slot(&self.ctx, &self.poll, i);
+            }
+        }
+        self.master = Some(m);
+        Ok(())
+    }
+
+    fn terminate(&mut self) {
+        if let Some(m) = self.master.as_mut() {
+            // Unlink before the lock is released at exit: a standby binds only after it
+            // holds the lock, so we can never remove its socket.
+            let _ = std::fs::remove_file(self.ctx.dir.control_socket());
+            let mut ev = Event::new(if m.stopping { "stopped" } else { "leader_exit" });
+            ev.role = Some(Role::Communicator);
+            ev.id = Some(self.ctx.slot.id);
+            ev.pid = Some(self.ctx.pid);
+            m.ledger.append(&ev);
+        }
+        log::info!("terminating on signal");
+    }
+}
+
+impl Master {
+    /// Takes over every running daemon of the directory: one pidfd each, so their exits
+    /// wake us exactly like our own children's. Duplicates and strangers are killed.
+    fn adopt(&mut self, ctx: &DaemonCtx, poll: &Poll) {
+        for found in procscan::daemons_of(ctx.dir.path()) {
+            if found.pid == ctx.pid {
+                continue;
+            }
+            let Ok(fd) = spawn::pidfd_open(found.pid) else { continue };
+            // The pid could have been reused between the scan and the open: check again.
+            if procscan::daemon_slot(found.pid, ctx.dir.path()) != Some(found.slot) {
+                continue;
+            }
+            let Some(i) = ctx.config.slot_index(found.slot) else {
+                log::warn!("killing {} pid {}: not in the config", found.slot, found.pid);
+                let _ = spawn::pidfd_signal(&fd, libc::SIGKILL);
+                continue;
+            };
+            if let Some(existing) = &self.slots[i].proc {
+                // Keep the older: it is the one the rest of the cluster knows.
+                let (keep_old, other) = (
+                    procscan::start_ticks(existing.pid) <= procscan::start_ticks(found.pid),
+                    found.pid,
+                );
+                if keep_old {
+                    log::warn!("killing duplicate {} pid {other}", found.slot);
+                    let _ = spawn::pidfd_signal(&fd, libc::SIGKILL);
+                    continue;
+                }
+                if let Some(old) = self.slots[i].proc.take() {
+                    log::warn!("killing duplicate {} pid {}", found.slot, old.pid);
+                    if let Some(ofd) = &old.pidfd {
+                        let _ = poll.registry().deregister(&mut SourceFd(&ofd.as_raw_fd()));
+                        let _ = spawn::pidfd_signal(ofd, libc::SIGKILL);
+                    }
+                }
+            }
+            if poll
+                .registry()
+                .register(&mut SourceFd(&fd.as_raw_fd()), Token(PIDFD_BASE + i), Interest::READABLE)
+                .is_err()
+            {
+                continue;
+            }
+            let now = Instant::now();
+            self.slots[i].proc = Some(Proc {
+                pid: found.pid,
+                pidfd: Some(fd),
+                child: false,
+                // Old enough that a watchdog which never heard it is believed at once.
+                started: now.checked_sub(ctx.config.timeout()).unwrap_or(now),
+                started_ms: unix_ms_now(),
+                ready: true,
+                votes: Vec::new(),
+                killing: None,
+            });
+            log::info!("adopted {} pid {}", found.slot, found.pid);
+        }
+    }
+
+    fn spawn_slot(&mut self, ctx: &DaemonCtx, poll: &Poll, i: usize) {
+        let name = self.slots[i].name;
+        self.slots[i].restart_at = None;
+        match spawn::spawn_daemon(&ctx.exe, name, &ctx.dir) {
+            Ok((pid, fd)) => {
+                if let Err(e) = poll.registry().register(
+                    &mut SourceFd(&fd.as_raw_fd()),
+                    Token(PIDFD_BASE + i),
+                    Interest::READABLE,
+                ) {
+                    log::error!("cannot watch {name} pid {pid}: {e}; killing it");
+                    let _ = spawn::pidfd_signal(&fd, libc::SIGKILL);
+                    self.schedule_retry(ctx, i);
+                    return;
+                }
+                self.slots[i].proc = Some(Proc {
+                    pid,
+                    pidfd: Some(fd),
+                    child: true,
+                    started: Instant::now(),
+                    started_ms: unix_ms_now(),
+                    ready: false,
+                    votes: Vec::new(),
+                    killing: None,
+                });
+                let mut ev = Event::new("spawned");
+                ev.role = Some(name.role);
+                ev.id = Some(name.id);
+                ev.pid = Some(pid);
+                self.ledger.append(&ev);
+            }
+            Err(e) => {
+                log::error!("cannot spawn {name}: {e}");
+                self.schedule_retry(ctx, i);
+            }
+        }
+    }
+
+    fn schedule_retry(&mut self, ctx: &DaemonCtx, i: usize) {
+        let delay = self.slots[i].plan_restart(ctx, Duration::ZERO);
+        self.slots[i].restart_at = Some(Instant::now() + delay.max(Duration::from_millis(1)));
+    }
+
+    fn run_due_restarts(&mut self, ctx: &DaemonCtx, poll: &Poll, now: Instant) {
+        if self.stopping {
+            return;
+        }
+        for i in 0..self.slots.len() {
+            if self.slots[i].proc.is_none() && self.slots[i].restart_at.is_some_and(|t| t <= now) {
+                self.spawn_slot(ctx, poll, i);
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let restarts = self.slots.iter().filter_map(|s| s.restart_at);
+        let conns = self.conns.values().map(|c| c.opened + CONN_TIMEOUT);
+        restarts.chain(conns).min()
+    }
+
+    fn on_event(&mut self, ctx: &DaemonCtx, poll: &Poll, token: Token, uid: u32) {
+        match token {
+            CONTROL => self.accept_all(poll, uid),
+            Token(t) if (PIDFD_BASE..CONN_BASE).contains(&t) => self.on_exit(ctx, poll, t - PIDFD_BASE),
+            Token(t) if t >= CONN_BASE => self.on_conn(ctx, poll, t),
+            _ => {}
+        }
+    }
+
+    /// A daemon exited. The hot path is reap → spawn; bookkeeping comes after.
+    fn on_exit(&mut self, ctx: &DaemonCtx, poll: &Poll, i: usize) {
+        let Some(slot) = self.slots.get_mut(i) else { return };
+        let Some(proc) = slot.proc.as_ref() else { return };
+        let Some(fd) = proc.pidfd.as_ref() else { return };
+        if !spawn::has_exited(fd) {
+            return;
+        }
+        let _ = poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
+        let proc = slot.proc.take().expect("checked above");
+        let how = if proc.child { spawn::reap(proc.pid) } else { None };
+        let now = Instant::now();
+        let recovery = proc.killing.unwrap_or(Recovery {
+            cause: Cause::Crash,
+            old_pid: proc.pid,
+            detected: now,
+            // The pidfd wakes us as the process ends: there is no detection delay to add.
+            detect_ms: 0.0,
+        });
+        let name = slot.name;
+        if !self.stopping {
+            let delay = slot.plan_restart(ctx, now.duration_since(proc.started));
+            slot.pending = Some(recovery);
+            slot.last_cause = Some(recovery.cause);
+            slot.restarts += 1;
+            if delay.is_zero() {
+                self.spawn_slot(ctx, poll, i);
+            } else {
+                slot.restart_at = Some(now + delay);
+                log::warn!("{name} restarts in {} ms (backoff)", delay.as_millis());
+            }
+        }
+        let mut ev = Event::new("exited");
+        ev.role = Some(name.role);
+        ev.id = Some(name.id);
+        ev.pid = Some(proc.pid);
+        ev.cause = (!self.stopping).then(|| recovery.cause.as_str().to_string());
+        ev.detail = how;
+        self.ledger.append(&ev);
+        log::info!("{name} pid {} exited ({})", proc.pid, ev.detail.as_deref().unwrap_or("not our child"));
+        if self.slots[i].failed && self.slots[i].proc.is_none() {
+            let mut ev = Event::new("failed");
+            ev.role = Some(name.role);
+            ev.id = Some(name.id);
+            ev.detail = Some(format!(
+                "more than {} restarts in {} ms; retrying every {} ms",
+                ctx.config.restart_intensity, ctx.config.restart_period_ms, ctx.config.backoff_max_ms
+            ));
+            self.ledger.append(&ev);
+        }
+    }
+
+    fn accept_all(&mut self, poll: &Poll, uid: u32) {
+        loop {
+            let (mut stream, _) = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            };
+            let creds = socket::getsockopt(&stream, sockopt::PeerCredentials);
+            let Ok(creds) = creds else { continue };
+            if creds.uid() != uid {
+                self.rejected.reject(format_args!("control connection from uid {}", creds.uid()));
+                continue;
+            }
+            let id = CONN_BASE + self.next_conn;
+            self.next_conn = (self.next_conn + 1) % (1 << 20);
+            if poll.registry().register(&mut stream, Token(id), Interest::READABLE).is_err() {
+                continue;
+            }
+            self.conns.insert(
+                id,
+                Conn {
+                    stream,
+                    peer_pid: creds.pid(),
+                    inbuf: Vec::new(),
+                    outbuf: Vec::new(),
+                    written: 0,
+                    opened: Instant::now(),
+                },
+            );
+        }
+    }
+
+    fn on_conn(&mut self, ctx: &DaemonCtx, poll: &Poll, id: usize) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        if !conn.outbuf.is_empty() {
+            if flush(conn) {
+                self.close(poll, id);
+            }
+            return;
+        }
+        let mut eof = false;
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.stream.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    conn.inbuf.extend_from_slice(&buf[..n]);
+                    if conn.inbuf.len() > protocol::MAX_REQUEST {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        let line_end = conn.inbuf.iter().position(|&b| b == b'\n');
+        if line_end.is_none() && !eof && conn.inbuf.len() <= protocol::MAX_REQUEST {
+            return; // wait for the rest of the line
+        }
+        let line = conn.inbuf[..line_end.unwrap_or(conn.inbuf.len())].to_vec();
+        let peer = conn.peer_pid;
+        let response = match protocol::decode::<Request>(&line, protocol::MAX_REQUEST) {
+            Ok(req) => self.handle(ctx, peer, req),
+            Err(e) => {
+                if !line.is_empty() {
+                    self.rejected.reject(format_args!("control request from pid {peer}: {e}"));
+                }
+                Response::Error { message: e.to_string() }
+            }
+        };
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        conn.outbuf = protocol::encode_line(&response);
+        if flush(conn) {
+            self.close(poll, id);
+        } else {
+            let _ = poll.registry().reregister(&mut conn.stream, Token(id), Interest::WRITABLE);
+        }
+    }
+
+    fn close(&mut self, poll: &Poll, id: usize) {
+        if let Some(mut c) = self.conns.remove(&id) {
+            let _ = poll.registry().deregister(&mut c.stream);
+        }
+    }
+
+    fn expire_conns(&mut self, poll: &Poll) {
+        let now = Instant::now();
+        let expired: Vec<usize> =
+            self.conns.iter().filter(|(_, c)| now >= c.opened + CONN_TIMEOUT).map(|(&id, _)| id).collect();
+        for id in expired {
+            self.rejected.reject(format_args!("control connection timed out"));
+            self.close(poll, id);
+        }
+    }
+
+    fn handle(&mut self, ctx: &DaemonCtx, peer: i32, req: Request) -> Response {
+        match req {
+            Request::Status {} => Response::Status(self.status(ctx)),
+            Request::Stop {} => {
+                if !self.stopping {
+                    self.stopping = true;
+                    for s in &mut self.slots {
+                        s.restart_at = None;
+                    }
+                    self.ledger.append(&Event::new("stopping"));
+                    log::info!("stop requested by pid {peer}");
+                }
+                Response::Stopping { master_pid: ctx.pid, members: self.members(ctx) }
+            }
+            Request::Ready { role, id, pid } => self.on_ready(peer, SlotName { role, id }, pid),
+            Request::Silent { reporter, role, id, pid, silent_ms } => {
+                self.on_silent(ctx, peer, reporter, SlotName { role, id }, pid, silent_ms)
+            }
+        }
+    }
+
+    fn on_ready(&mut self, peer: i32, name: SlotName, pid: i32) -> Response {
+        if pid != peer {
+            self.rejected.reject(format_args!("ready for {name} pid {pid} sent by pid {peer}"));
+            return Response::Error { message: "pid does not match the sender".into() };
+        }
+        let Some(slot) = self.slots.iter_mut().find(|s| s.name == name) else {
+            self.rejected.reject(format_args!("ready from unknown slot {name}"));
+            return Response::Error { message: format!("no slot {name}") };
+        };
+        let Some(proc) = slot.proc.as_mut().filter(|p| p.pid == pid) else {
+            return Response::Error { message: "stale: not the slot's current process".into() };
+        };
+        proc.ready = true;
+        if let Some(rec) = slot.pending.take() {
+            let mut ev = Event::new("respawned");
+            ev.role = Some(name.role);
+            ev.id = Some(name.id);
+            ev.pid = Some(pid);
+            ev.old_pid = Some(rec.old_pid);
+            ev.cause = Some(rec.cause.as_str().into());
+            ev.detect_ms = Some(round3(rec.detect_ms));
+            ev.recover_ms = Some(round3(rec.detected.elapsed().as_secs_f64() * 1000.0));
+            self.ledger.append(&ev);
+        }
+        if !self.whole_logged && self.slots.iter().all(|s| s.proc.as_ref().is_some_and(|p| p.ready)) {
+            self.whole_logged = true;
+            log::info!("cluster whole: {} daemons heartbeating", self.slots.len());
+        }
+        Response::Ok {}
+    }
+
+    fn on_silent(
+        &mut self,
+        ctx: &DaemonCtx,
+        peer: i32,
+        reporter: u32,
+        name: SlotName,
+        pid: i32,
+        silent_ms: u64,
+    ) -> Response {
+        let reporter_slot = SlotName { role: Role::Watchdog, id: reporter };
+        let genuine_reporter = ctx
+            .config
+            .slot_index(reporter_slot)
+            .and_then(|i| self.slots[i].proc.as_ref())
+            .is_some_and(|p| p.pid == peer);
+        if !genuine_reporter {
+            self.rejected.reject(format_args!("silence report from pid {peer}, not {reporter_slot}"));
+            return Response::Error { message: "only watchdogs report silence".into() };
+        }
+        if self.stopping || name == ctx.slot {
+            return Response::Ok {};
+        }
+        let Some(i) = ctx.config.slot_index(name) else {
+            self.rejected.reject(format_args!("silence report about unknown slot {name}"));
+            return Response::Error { message: format!("no slot {name}") };
+        };
+        let quorum = self.quorum(name);
+        let timeout = ctx.config.timeout();
+        let slot = &mut self.slots[i];
+        let Some(proc) = slot.proc.as_mut() else {
+            return Response::Ok {}; // already being replaced
+        };
+        // A report names the last pid its watchdog heard. It is about the current process
+        // if it names it, or if the current process is older than the timeout and so
+        // should have been heard by now; otherwise it is about a predecessor: stale.
+        let about_current = pid == proc.pid || proc.started.elapsed() >= timeout;
+        if !about_current || proc.killing.is_some() {
+            log::debug!("dropped stale silence report on {name} pid {pid} from watchdog-{reporter}");
+            return Response::Ok {};
+        }
+        if !proc.votes.contains(&reporter) {
+            proc.votes.push(reporter);
+        }
+        log::info!(
+            "watchdog-{reporter}: {name} pid {} silent for {silent_ms} ms ({}/{quorum} votes)",
+            proc.pid,
+            proc.votes.len()
+        );
+        if proc.votes.len() < quorum {
+            return Response::Ok {};
+        }
+        let victim = proc.pid;
+        proc.killing = Some(Recovery {
+            cause: Cause::Hang,
+            old_pid: victim,
+            detected: Instant::now(),
+            detect_ms: silent_ms as f64,
+        });
+        if let Some(fd) = &proc.pidfd {
+            // If it is already gone the pidfd reports that anyway; either way on_exit
+            // performs the one replacement.
+            let _ = spawn::pidfd_signal(fd, libc::SIGKILL);
+        }
+        let votes = proc.votes.clone();
+        let mut ev = Event::new("killed");
+        ev.role = Some(name.role);
+        ev.id = Some(name.id);
+        ev.pid = Some(victim);
+        ev.cause = Some("hang".into());
+        ev.detect_ms = Some(silent_ms as f64);
+        ev.detail = Some(format!("silent for {silent_ms} ms; reported by watchdogs {votes:?}"));
+        self.ledger.append(&ev);
+        Response::Ok {}
+    }
+
+    /// Reports needed to kill `subject`: a majority of the watchdogs that are up, not
+    /// counting the subject itself.
+    fn quorum(&self, subject: SlotName) -> usize {
+        let live = self
+            .slots
+            .iter()
+            .filter(|s| s.name.role == Role::Watchdog && s.name != subject)
+            .filter(|s| s.proc.as_ref().is_some_and(|p| p.ready && p.killing.is_none()))
+            .count();
+        live / 2 + 1
+    }
+
+    fn members(&self, ctx: &DaemonCtx) -> Vec<Member> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let state = match &s.proc {
+                    Some(p) if p.ready => SlotState::Running,
+                    Some(_) => SlotState::Starting,
+                    None if s.failed => SlotState::Failed,
+                    None if s.restart_at.is_some() => SlotState::Backoff,
+                    None => SlotState::Down,
+                };
+                Member {
+                    role: s.name.role,
+                    id: s.name.id,
+                    pid: s.proc.as_ref().map_or(0, |p| p.pid),
+                    state,
+                    master: s.name == ctx.slot,
+                    started_ms: s.proc.as_ref().map_or(0, |p| p.started_ms),
+                    restarts: s.restarts,
+                    last_cause: s.last_cause.map(|c| c.as_str().to_string()),
+                }
+            })
+            .collect()
+    }
+
+    fn status(&self, ctx: &DaemonCtx) -> StatusReport {
+        StatusReport {
+            master_pid: ctx.pid,
+            runtime_dir: ctx.dir.path().display().to_string(),
+            members: self.members(ctx),
+            rejected: self.rejected.count,
+        }
+    }
+}
+
+impl Slot {
+    /// Decides how long to wait before restarting this slot: the first restart is
+    /// immediate, quick failures in a row back off exponentially, and more than
+    /// `restart_intensity` restarts within `restart_period_ms` mark the slot failed,
+    /// retried at the backoff cap — never a tight loop.
+    fn plan_restart(&mut self, ctx: &DaemonCtx, lived: Duration) -> Duration {
+        let cfg = &ctx.config;
+        let now = Instant::now();
+        let period = Duration::from_millis(cfg.restart_period_ms);
+        while self.recent_restarts.front().is_some_and(|&t| now.duration_since(t) > period) {
+            self.recent_restarts.pop_front();
+        }
+        self.recent_restarts.push_back(now);
+        if lived >= QUICK_FAILURE {
+            self.quick_failures = 0;
+            self.failed = false;
+        }
+        let max = Duration::from_millis(cfg.backoff_max_ms);
+        let delay = if self.quick_failures == 0 {
+            Duration::ZERO
+        } else {
+            let shift = (self.quick_failures - 1).min(20);
+            Duration::from_millis(cfg.backoff_initial_ms.saturating_mul(1 << shift)).min(max)
+        };
+        self.quick_failures = self.quick_failures.saturating_add(1);
+        if self.recent_restarts.len() > cfg.restart_intensity as usize {
+            self.failed = true;
+            return max;
+        }
+        delay
+    }
+}
+
+/// Writes what is left of the reply; true when done (or the peer is gone).
+fn flush(conn: &mut Conn) -> bool {
+    while conn.written < conn.outbuf.len() {
+        match conn.stream.write(&conn.outbuf[conn.written..]) {
+            Ok(0) => return true,
+            Ok(n) => conn.written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+    true
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}

@@ -1,0 +1,5 @@
+//! The three roles. Each is one event loop over its own sources.
+
+pub mod communicator;
+pub mod watchdog;
+pub mod workflow;

@@ -1,0 +1,33 @@
+//! A workflow: for now it stays alive and heartbeats. Its loop has two events: the
+//! heartbeat deadline and a termination signal.
+
+use std::time::Instant;
+
+use mio::{Events, Interest, Poll, Token};
+
+use crate::daemon::{DaemonCtx, Heartbeater, Signals, timeout_until};
+
+const SIGNALS: Token = Token(0);
+
+pub fn run(ctx: DaemonCtx) -> Result<(), String> {
+    let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
+    let mut signals = Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    poll.registry()
+        .register(&mut signals.source, SIGNALS, Interest::READABLE)
+        .map_err(|e| format!("cannot poll signals: {e}"))?;
+    let mut heart = Heartbeater::new(&ctx).map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
+    let mut events = Events::with_capacity(8);
+    log::info!("workflow {} running", ctx.slot);
+    loop {
+        heart.tick(Instant::now());
+        if let Err(e) = poll.poll(&mut events, Some(timeout_until(heart.next_due()))) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(format!("poll failed: {e}"));
+            }
+        }
+        if events.iter().any(|e| e.token() == SIGNALS) && signals.drain() {
+            log::info!("terminating on signal");
+            return Ok(());
+        }
+    }
+}
