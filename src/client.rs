@@ -22,5 +22,6 @@ pub fn request(control: &Path, req: &Request, timeout: Duration) -> Result<Respo
     if line.is_empty() {
         return Err("the master closed the connection without answering".into());
     }
-    protocol::decode::<Response>(&line, protocol::MAX_REPLY).map_err(|e| format!("bad answer from the master: {e}"))
+    protocol::decode::<Response>(&line, protocol::MAX_REPLY)
+        .map_err(|e| format!("bad answer from the master: {e}"))
 }

@@ -114,18 +114,48 @@ impl Default for Config {
 
 /// Every key the config accepts, with the one-line description `nexus help config` shows.
 pub const KEYS: &[(&str, &str)] = &[
-    ("communicators", "number of communicators (1-8); the one holding leader.lock is the master"),
-    ("watchdogs", "number of watchdogs (1-15); a majority must agree before a hung daemon is killed"),
+    (
+        "communicators",
+        "number of communicators (1-8); the one holding leader.lock is the master",
+    ),
+    (
+        "watchdogs",
+        "number of watchdogs (1-15); a majority must agree before a hung daemon is killed",
+    ),
     ("workflows", "number of workflows (0-10000)"),
     ("interval_ms", "heartbeat period in ms (10-60000)"),
-    ("timeout_ms", "silence after which a daemon is declared hung, in ms (at least 2 x interval_ms)"),
-    ("stop_grace_ms", "stop: time between SIGTERM and SIGKILL, in ms (0-60000)"),
-    ("start_timeout_ms", "start: how long to wait for every daemon to heartbeat, in ms (100-600000)"),
-    ("backoff_initial_ms", "delay before the second quick restart of a crashing slot, doubled each time"),
-    ("backoff_max_ms", "longest restart delay; a failed slot is retried this often"),
-    ("restart_intensity", "restarts allowed within restart_period_ms before a slot is marked failed"),
-    ("restart_period_ms", "the window restart_intensity counts over, in ms"),
-    ("runtime_dir", "runtime directory (overridden by --runtime-dir and NEXUS_RUNTIME_DIR)"),
+    (
+        "timeout_ms",
+        "silence after which a daemon is declared hung, in ms (at least 2 x interval_ms)",
+    ),
+    (
+        "stop_grace_ms",
+        "stop: time between SIGTERM and SIGKILL, in ms (0-60000)",
+    ),
+    (
+        "start_timeout_ms",
+        "start: how long to wait for every daemon to heartbeat, in ms (100-600000)",
+    ),
+    (
+        "backoff_initial_ms",
+        "delay before the second quick restart of a crashing slot, doubled each time",
+    ),
+    (
+        "backoff_max_ms",
+        "longest restart delay; a failed slot is retried this often",
+    ),
+    (
+        "restart_intensity",
+        "restarts allowed within restart_period_ms before a slot is marked failed",
+    ),
+    (
+        "restart_period_ms",
+        "the window restart_intensity counts over, in ms",
+    ),
+    (
+        "runtime_dir",
+        "runtime directory (overridden by --runtime-dir and NEXUS_RUNTIME_DIR)",
+    ),
 ];
 
 #[derive(Debug)]
@@ -145,8 +175,8 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| ConfigError(format!("not valid JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| ConfigError(format!("not valid JSON: {e}")))?;
         let Value::Object(map) = value else {
             return Err(ConfigError("the top level must be a JSON object".into()));
         };
@@ -263,7 +293,9 @@ fn whole_number(key: &str, value: &Value, min: u64, max: u64) -> Result<u64, Con
         .as_u64()
         .ok_or_else(|| type_error(key, &format!("a whole number from {min} to {max}"), value))?;
     if n < min || n > max {
-        return Err(ConfigError(format!("`{key}` is {n}, but must be from {min} to {max}")));
+        return Err(ConfigError(format!(
+            "`{key}` is {n}, but must be from {min} to {max}"
+        )));
     }
     Ok(n)
 }
@@ -293,7 +325,10 @@ mod tests {
             (r#"{"communicators": 0}"#, "`communicators`"),
             (r#"{"watchdogs": 0}"#, "`watchdogs`"),
             (r#"{"workflows": 1000000}"#, "`workflows`"),
-            (r#"{"interval_ms": 1000, "timeout_ms": 1000}"#, "`timeout_ms`"),
+            (
+                r#"{"interval_ms": 1000, "timeout_ms": 1000}"#,
+                "`timeout_ms`",
+            ),
             (r#"{"interval_ms": -5}"#, "`interval_ms`"),
             (r#"{"timeout_ms": 1.5}"#, "`timeout_ms`"),
             (r#"{"runtime_dir": 3}"#, "`runtime_dir`"),
@@ -308,19 +343,39 @@ mod tests {
 
     #[test]
     fn slot_index_matches_slots_order() {
-        let cfg = Config { communicators: 2, watchdogs: 3, workflows: 4, ..Config::default() };
+        let cfg = Config {
+            communicators: 2,
+            watchdogs: 3,
+            workflows: 4,
+            ..Config::default()
+        };
         for (i, s) in cfg.slots().into_iter().enumerate() {
             assert_eq!(cfg.slot_index(s), Some(i));
         }
-        assert_eq!(cfg.slot_index(SlotName { role: Role::Workflow, id: 5 }), None);
-        assert_eq!(cfg.slot_index(SlotName { role: Role::Watchdog, id: 0 }), None);
+        assert_eq!(
+            cfg.slot_index(SlotName {
+                role: Role::Workflow,
+                id: 5
+            }),
+            None
+        );
+        assert_eq!(
+            cfg.slot_index(SlotName {
+                role: Role::Watchdog,
+                id: 0
+            }),
+            None
+        );
     }
 
     #[test]
     fn slot_names_parse() {
         assert_eq!(
             SlotName::parse("workflow-12"),
-            Some(SlotName { role: Role::Workflow, id: 12 })
+            Some(SlotName {
+                role: Role::Workflow,
+                id: 12
+            })
         );
         assert_eq!(SlotName::parse("workflow-0"), None);
         assert_eq!(SlotName::parse("nope-1"), None);

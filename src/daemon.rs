@@ -66,7 +66,10 @@ impl Signals {
         }
         // Daemons are detached: a hangup means nothing to them.
         signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, write)?;
-        Ok(Signals { source: MioStream::from_std(read), terminate })
+        Ok(Signals {
+            source: MioStream::from_std(read),
+            terminate,
+        })
     }
 
     /// Drains the wake-up bytes; true if a termination signal has arrived.
@@ -136,12 +139,20 @@ impl Heartbeater {
             pid: self.pid,
             seq: self.seq,
         });
-        let delivered = self.targets.iter().filter(|t| self.sock.send_to(&msg, t).is_ok()).count();
+        let delivered = self
+            .targets
+            .iter()
+            .filter(|t| self.sock.send_to(&msg, t).is_ok())
+            .count();
         let heard = delivered > 0 || self.targets.is_empty();
         if heard && !self.ready_told {
             self.ready_told = send_request(
                 &self.control,
-                &Request::Ready { role: self.slot.role, id: self.slot.id, pid: self.pid },
+                &Request::Ready {
+                    role: self.slot.role,
+                    id: self.slot.id,
+                    pid: self.pid,
+                },
             )
             .is_ok();
         }
@@ -149,7 +160,12 @@ impl Heartbeater {
         // retry soon rather than a whole interval later, for a couple of seconds.
         let early = self.started.elapsed() < Duration::from_secs(2);
         let retry = early && (!heard || !self.ready_told);
-        self.next = now + if retry { self.interval.min(Duration::from_millis(5)) } else { self.interval };
+        self.next = now
+            + if retry {
+                self.interval.min(Duration::from_millis(5))
+            } else {
+                self.interval
+            };
         Some(delivered)
     }
 }
@@ -168,7 +184,10 @@ pub fn send_request(control: &Path, req: &Request) -> io::Result<()> {
     let line = protocol::encode_line(req);
     let n = nix::unistd::write(&fd, &line)?;
     if n != line.len() {
-        return Err(io::Error::new(io::ErrorKind::WriteZero, "short write to control socket"));
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "short write to control socket",
+        ));
     }
     Ok(())
 }
@@ -182,13 +201,19 @@ pub struct Rejections {
 
 impl Rejections {
     pub fn new() -> Rejections {
-        Rejections { count: 0, last_log: None }
+        Rejections {
+            count: 0,
+            last_log: None,
+        }
     }
 
     pub fn reject(&mut self, what: std::fmt::Arguments<'_>) {
         self.count += 1;
         let now = Instant::now();
-        if self.last_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
             self.last_log = Some(now);
             log::warn!("rejected ({} so far): {what}", self.count);
         }
@@ -201,7 +226,16 @@ impl Default for Rejections {
     }
 }
 
-/// The poll timeout that wakes us at `deadline` (rounded up, so we never spin).
-pub fn timeout_until(deadline: Instant) -> Duration {
-    deadline.saturating_duration_since(Instant::now()) + Duration::from_micros(100)
+/// Waits for events until `deadline` (rounded up, so we never spin); an interrupted
+/// wait is just an early wake-up.
+pub fn poll_until(
+    poll: &mut mio::Poll,
+    events: &mut mio::Events,
+    deadline: Instant,
+) -> Result<(), String> {
+    let timeout = deadline.saturating_duration_since(Instant::now()) + Duration::from_micros(100);
+    match poll.poll(events, Some(timeout)) {
+        Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(format!("poll failed: {e}")),
+        _ => Ok(()),
+    }
 }

@@ -40,7 +40,11 @@ pub struct Event {
 
 impl Event {
     pub fn new(event: &str) -> Event {
-        Event { ts: rfc3339_now(), event: event.to_string(), ..Event::default() }
+        Event {
+            ts: rfc3339_now(),
+            event: event.to_string(),
+            ..Event::default()
+        }
     }
 }
 
@@ -50,7 +54,11 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn open(path: &Path) -> io::Result<Ledger> {
-        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
         Ok(Ledger { file })
     }
 
@@ -65,7 +73,10 @@ impl Ledger {
 }
 
 pub fn unix_ms_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub fn rfc3339_now() -> String {

@@ -74,7 +74,10 @@ struct Args<'a> {
 
 impl<'a> Args<'a> {
     fn value(&mut self, flag: &str) -> Result<&'a str, Failure> {
-        self.rest.next().map(String::as_str).ok_or_else(|| Failure::Usage(format!("{flag} needs a value")))
+        self.rest
+            .next()
+            .map(String::as_str)
+            .ok_or_else(|| Failure::Usage(format!("{flag} needs a value")))
     }
 }
 
@@ -98,7 +101,10 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
             "--json" => json = true,
             "-f" | "--follow" => follow = true,
             "-n" => {
-                last = it.value(arg)?.parse().map_err(|_| Failure::Usage("-n takes a number".into()))?
+                last = it
+                    .value(arg)?
+                    .parse()
+                    .map_err(|_| Failure::Usage("-n takes a number".into()))?
             }
             "--role" => role = Some(it.value(arg)?.to_string()),
             "--id" => id = Some(it.value(arg)?.to_string()),
@@ -106,12 +112,16 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
                 print!("{USAGE}");
                 return Ok(0);
             }
-            s if s.starts_with('-') => return Err(Failure::Usage(format!("unknown option {s} for `{cmd}`"))),
+            s if s.starts_with('-') => {
+                return Err(Failure::Usage(format!("unknown option {s} for `{cmd}`")));
+            }
             s => positional.push(s.to_string()),
         }
     }
     let no_positional = |p: &[String]| match p.first() {
-        Some(x) => Err(Failure::Usage(format!("unexpected argument `{x}` for `{cmd}`"))),
+        Some(x) => Err(Failure::Usage(format!(
+            "unexpected argument `{x}` for `{cmd}`"
+        ))),
         None => Ok(()),
     };
     match cmd.as_str() {
@@ -136,13 +146,18 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
         }
         "daemon" => {
             let role = role.ok_or_else(|| Failure::Usage("daemon needs --role".into()))?;
-            let role = Role::parse(&role)
-                .ok_or_else(|| Failure::Usage(format!("unknown role `{role}` (communicator, watchdog, workflow)")))?;
+            let role = Role::parse(&role).ok_or_else(|| {
+                Failure::Usage(format!(
+                    "unknown role `{role}` (communicator, watchdog, workflow)"
+                ))
+            })?;
             let id: u32 = id
                 .and_then(|s| s.parse().ok())
                 .filter(|&n| n >= 1)
                 .ok_or_else(|| Failure::Usage("daemon needs --id N (1 or more)".into()))?;
-            let dir = common.runtime_dir.ok_or_else(|| Failure::Usage("daemon needs --runtime-dir".into()))?;
+            let dir = common
+                .runtime_dir
+                .ok_or_else(|| Failure::Usage("daemon needs --runtime-dir".into()))?;
             Ok(run_daemon(SlotName { role, id }, RuntimeDir::at(&dir)))
         }
         "help" | "--help" | "-h" => {
@@ -193,7 +208,13 @@ fn run_daemon(slot: SlotName, dir: RuntimeDir) -> i32 {
             return 1;
         }
     };
-    let ctx = DaemonCtx { slot, dir, config, exe, pid: std::process::id() as i32 };
+    let ctx = DaemonCtx {
+        slot,
+        dir,
+        config,
+        exe,
+        pid: std::process::id() as i32,
+    };
     let result = match slot.role {
         Role::Communicator => roles::communicator::run(ctx),
         Role::Watchdog => roles::watchdog::run(ctx),
@@ -211,7 +232,9 @@ fn run_daemon(slot: SlotName, dir: RuntimeDir) -> i32 {
 fn injected_fault(slot: SlotName) -> Option<i32> {
     let spec = std::env::var(ENV_FAULT).ok()?;
     for item in spec.split(',') {
-        let Some((kind, target)) = item.split_once(':') else { continue };
+        let Some((kind, target)) = item.split_once(':') else {
+            continue;
+        };
         if SlotName::parse(target) != Some(slot) {
             continue;
         }
@@ -224,7 +247,9 @@ fn injected_fault(slot: SlotName) -> Option<i32> {
                 log::warn!("{ENV_FAULT}: never heartbeating");
                 let mut signals = daemon::Signals::new().ok()?;
                 let mut poll = mio::Poll::new().ok()?;
-                poll.registry().register(&mut signals.source, mio::Token(0), mio::Interest::READABLE).ok()?;
+                poll.registry()
+                    .register(&mut signals.source, mio::Token(0), mio::Interest::READABLE)
+                    .ok()?;
                 let mut events = mio::Events::with_capacity(4);
                 // Bounded: a muted daemon waits at most an hour for its signal.
                 for _ in 0..3600 {

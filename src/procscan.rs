@@ -16,13 +16,26 @@ pub struct Found {
 /// Parses `<path>/nexus daemon --role R --id N --runtime-dir DIR`, the one shape every
 /// daemon's command line has. Returns the slot and the directory.
 pub fn parse_daemon_cmdline(args: &[&str]) -> Option<(SlotName, String)> {
-    let [exe, "daemon", "--role", role, "--id", id, "--runtime-dir", dir] = args else {
+    let [
+        exe,
+        "daemon",
+        "--role",
+        role,
+        "--id",
+        id,
+        "--runtime-dir",
+        dir,
+    ] = args
+    else {
         return None;
     };
     if Path::new(exe).file_name()? != "nexus" {
         return None;
     }
-    let slot = SlotName { role: Role::parse(role)?, id: id.parse().ok().filter(|&n| n >= 1)? };
+    let slot = SlotName {
+        role: Role::parse(role)?,
+        id: id.parse().ok().filter(|&n| n >= 1)?,
+    };
     Some((slot, (*dir).to_string()))
 }
 
@@ -49,7 +62,12 @@ pub fn daemons_of(dir: &Path) -> Vec<Found> {
     let mut found: Vec<Found> = entries
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| Some(Found { pid, slot: daemon_slot(pid, dir)? }))
+        .filter_map(|pid| {
+            Some(Found {
+                pid,
+                slot: daemon_slot(pid, dir)?,
+            })
+        })
         .collect();
     found.sort_by_key(|f| f.pid);
     found
@@ -89,7 +107,12 @@ pub fn clock_ticks_per_sec() -> u64 {
 
 /// Seconds since boot, for process uptimes.
 pub fn uptime_secs() -> Option<f64> {
-    fs::read_to_string("/proc/uptime").ok()?.split_whitespace().next()?.parse().ok()
+    fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -98,13 +121,46 @@ mod tests {
 
     #[test]
     fn parses_only_the_exact_shape() {
-        let ok = ["/x/nexus", "daemon", "--role", "watchdog", "--id", "2", "--runtime-dir", "/tmp/n"];
+        let ok = [
+            "/x/nexus",
+            "daemon",
+            "--role",
+            "watchdog",
+            "--id",
+            "2",
+            "--runtime-dir",
+            "/tmp/n",
+        ];
         let (slot, dir) = parse_daemon_cmdline(&ok).unwrap();
-        assert_eq!(slot, SlotName { role: Role::Watchdog, id: 2 });
+        assert_eq!(
+            slot,
+            SlotName {
+                role: Role::Watchdog,
+                id: 2
+            }
+        );
         assert_eq!(dir, "/tmp/n");
-        let bad_role = ["/x/nexus", "daemon", "--role", "boss", "--id", "2", "--runtime-dir", "/t"];
+        let bad_role = [
+            "/x/nexus",
+            "daemon",
+            "--role",
+            "boss",
+            "--id",
+            "2",
+            "--runtime-dir",
+            "/t",
+        ];
         assert!(parse_daemon_cmdline(&bad_role).is_none());
-        let other_bin = ["/x/vim", "daemon", "--role", "watchdog", "--id", "2", "--runtime-dir", "/t"];
+        let other_bin = [
+            "/x/vim",
+            "daemon",
+            "--role",
+            "watchdog",
+            "--id",
+            "2",
+            "--runtime-dir",
+            "/t",
+        ];
         assert!(parse_daemon_cmdline(&other_bin).is_none());
         assert!(parse_daemon_cmdline(&["/x/nexus", "status"]).is_none());
     }

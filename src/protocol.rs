@@ -22,11 +22,20 @@ pub const MAX_REPLY: usize = 8 << 20;
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Datagram {
     /// "I am alive": sent by every daemon to every watchdog each interval.
-    Heartbeat { role: Role, id: u32, pid: i32, seq: u64 },
+    Heartbeat {
+        role: Role,
+        id: u32,
+        pid: i32,
+        seq: u64,
+    },
     /// Asked by `nexus status` from its own bound socket: the watchdog answers with `Ages`.
     Query {},
     /// A watchdog's view of when it last heard from each slot.
-    Ages { watchdog: u32, rejected: u64, entries: Vec<Age> },
+    Ages {
+        watchdog: u32,
+        rejected: u64,
+        entries: Vec<Age>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,19 +55,34 @@ pub enum Request {
     /// `stop` begins: respawn nothing from now on, and say who is running.
     Stop {},
     /// A daemon has sent its first heartbeat and is serving.
-    Ready { role: Role, id: u32, pid: i32 },
+    Ready {
+        role: Role,
+        id: u32,
+        pid: i32,
+    },
     /// Watchdog `reporter` has heard nothing from the slot for `silent_ms`. `pid` is the
     /// last pid it heard from there (0: never), so the master can tell a stale report.
-    Silent { reporter: u32, role: Role, id: u32, pid: i32, silent_ms: u64 },
+    Silent {
+        reporter: u32,
+        role: Role,
+        id: u32,
+        pid: i32,
+        silent_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Status(StatusReport),
-    Stopping { master_pid: i32, members: Vec<Member> },
+    Stopping {
+        master_pid: i32,
+        members: Vec<Member>,
+    },
     Ok {},
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,7 +116,10 @@ pub struct Member {
 
 impl Member {
     pub fn slot(&self) -> SlotName {
-        SlotName { role: self.role, id: self.id }
+        SlotName {
+            role: self.role,
+            id: self.id,
+        }
     }
 }
 
@@ -167,22 +194,48 @@ mod tests {
 
     #[test]
     fn roundtrip() {
-        let hb = Datagram::Heartbeat { role: Role::Workflow, id: 3, pid: 77, seq: 9 };
+        let hb = Datagram::Heartbeat {
+            role: Role::Workflow,
+            id: 3,
+            pid: 77,
+            seq: 9,
+        };
         let bytes = encode(&hb);
         assert!(bytes.len() < 120, "heartbeats stay small: {}", bytes.len());
         assert_eq!(decode::<Datagram>(&bytes, MAX_DATAGRAM).unwrap(), hb);
-        let req = Request::Silent { reporter: 1, role: Role::Watchdog, id: 2, pid: 5, silent_ms: 600 };
-        assert_eq!(decode::<Request>(&encode_line(&req), MAX_REQUEST).unwrap(), req);
+        let req = Request::Silent {
+            reporter: 1,
+            role: Role::Watchdog,
+            id: 2,
+            pid: 5,
+            silent_ms: 600,
+        };
+        assert_eq!(
+            decode::<Request>(&encode_line(&req), MAX_REQUEST).unwrap(),
+            req
+        );
     }
 
     #[test]
     fn rejects_garbage_oversize_and_other_versions() {
-        assert!(matches!(decode::<Datagram>(b"\xff\x00junk", MAX_DATAGRAM), Err(DecodeError::Garbage(_))));
-        assert!(matches!(decode::<Datagram>(&[b' '; 600], MAX_DATAGRAM), Err(DecodeError::TooLarge(600))));
+        assert!(matches!(
+            decode::<Datagram>(b"\xff\x00junk", MAX_DATAGRAM),
+            Err(DecodeError::Garbage(_))
+        ));
+        assert!(matches!(
+            decode::<Datagram>(&[b' '; 600], MAX_DATAGRAM),
+            Err(DecodeError::TooLarge(600))
+        ));
         let other = br#"{"v":2,"msg":{"type":"query"}}"#;
-        assert_eq!(decode::<Datagram>(other, MAX_DATAGRAM), Err(DecodeError::Version(2)));
+        assert_eq!(
+            decode::<Datagram>(other, MAX_DATAGRAM),
+            Err(DecodeError::Version(2))
+        );
         let unknown = br#"{"v":1,"msg":{"type":"launch_missiles"}}"#;
-        assert!(matches!(decode::<Datagram>(unknown, MAX_DATAGRAM), Err(DecodeError::Garbage(_))));
+        assert!(matches!(
+            decode::<Datagram>(unknown, MAX_DATAGRAM),
+            Err(DecodeError::Garbage(_))
+        ));
         let truncated = &encode(&Datagram::Query {})[..10];
         assert!(decode::<Datagram>(truncated, MAX_DATAGRAM).is_err());
     }

@@ -31,12 +31,16 @@ impl RuntimeDir {
             .or(env.map(PathBuf::from))
             .or(from_config.map(Path::to_path_buf))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
-        RuntimeDir { path: absolute(&chosen) }
+        RuntimeDir {
+            path: absolute(&chosen),
+        }
     }
 
     /// A directory named exactly (used by daemons, whose command line carries it).
     pub fn at(path: &Path) -> RuntimeDir {
-        RuntimeDir { path: absolute(path) }
+        RuntimeDir {
+            path: absolute(path),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -78,7 +82,9 @@ impl RuntimeDir {
             ));
         }
         if !meta.is_dir() {
-            return Err(format!("runtime directory {d} exists but is not a directory"));
+            return Err(format!(
+                "runtime directory {d} exists but is not a directory"
+            ));
         }
         let uid = nix::unistd::geteuid().as_raw();
         if meta.uid() != uid {
@@ -145,7 +151,8 @@ impl RuntimeDir {
 
     /// A private reply address for one CLI process (status queries to watchdogs).
     pub fn client_socket(&self) -> PathBuf {
-        self.path.join(format!(".client_{}.sock", std::process::id()))
+        self.path
+            .join(format!(".client_{}.sock", std::process::id()))
     }
 
     /// Every socket file in the directory: control, heartbeats, stale client sockets.
@@ -171,7 +178,9 @@ fn absolute(p: &Path) -> PathBuf {
     let joined = if p.is_absolute() {
         p.to_path_buf()
     } else {
-        std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")).join(p)
+        std::env::current_dir()
+            .unwrap_or_else(|_| PathBuf::from("/"))
+            .join(p)
     };
     // Normalise `.` and `..` lexically; symlinks are deliberately not resolved, since the
     // safety check refuses a symlinked directory instead.
@@ -286,7 +295,12 @@ mod tests {
 
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(&open, &link).unwrap();
-        assert!(RuntimeDir::at(&link).prepare().unwrap_err().contains("symlink"));
+        assert!(
+            RuntimeDir::at(&link)
+                .prepare()
+                .unwrap_err()
+                .contains("symlink")
+        );
 
         let fresh = tmp.path().join("fresh/nested");
         RuntimeDir::at(&fresh).prepare().unwrap();

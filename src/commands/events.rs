@@ -31,7 +31,9 @@ pub fn run(common: &Common, opts: &Options) -> Result<(), String> {
     let mut partial = String::new();
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        let Ok(mut f) = std::fs::File::open(&path) else { continue };
+        let Ok(mut f) = std::fs::File::open(&path) else {
+            continue;
+        };
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
         if len < offset {
             offset = 0; // the ledger was replaced by a new start

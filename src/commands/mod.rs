@@ -23,7 +23,11 @@ impl Common {
     pub fn config_path(&self) -> Option<PathBuf> {
         self.config
             .clone()
-            .or_else(|| std::env::var_os("NEXUS_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from))
+            .or_else(|| {
+                std::env::var_os("NEXUS_CONFIG")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
             .or_else(|| {
                 let p = Path::new("runtime/nexus_config.json");
                 p.exists().then(|| p.to_path_buf())
@@ -41,7 +45,8 @@ impl Common {
     /// consulted only for its `runtime_dir`, and only when neither the flag nor the
     /// environment names one, so a broken config never stops you stopping a cluster.
     pub fn runtime_dir(&self) -> Result<RuntimeDir, String> {
-        let named = self.runtime_dir.is_some() || std::env::var_os("NEXUS_RUNTIME_DIR").is_some_and(|v| !v.is_empty());
+        let named = self.runtime_dir.is_some()
+            || std::env::var_os("NEXUS_RUNTIME_DIR").is_some_and(|v| !v.is_empty());
         if named {
             return Ok(RuntimeDir::resolve(self.runtime_dir.as_deref(), None));
         }

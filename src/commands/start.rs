@@ -29,7 +29,10 @@ pub fn run(common: &Common) -> Result<(), String> {
     }
     let orphans = procscan::daemons_of(dir.path());
     if !orphans.is_empty() {
-        let pids: Vec<String> = orphans.iter().map(|f| format!("{} pid {}", f.slot, f.pid)).collect();
+        let pids: Vec<String> = orphans
+            .iter()
+            .map(|f| format!("{} pid {}", f.slot, f.pid))
+            .collect();
         return Err(format!(
             "{} daemons of {} are running without a master ({}); run ./stop first",
             orphans.len(),
@@ -45,7 +48,10 @@ pub fn run(common: &Common) -> Result<(), String> {
 
     let t0 = Instant::now();
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
-    let master_slot = SlotName { role: Role::Communicator, id: 1 };
+    let master_slot = SlotName {
+        role: Role::Communicator,
+        id: 1,
+    };
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -53,13 +59,20 @@ pub fn run(common: &Common) -> Result<(), String> {
         .open(dir.log_file(master_slot))
         .map_err(|e| format!("cannot open the master's log: {e}"))?;
     let mut cmd = Command::new(&exe);
-    cmd.args(["daemon", "--role", "communicator", "--id", "1", "--runtime-dir"])
-        .arg(dir.path())
-        .env(ENV_FRESH_START, "1")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
-        .current_dir("/");
+    cmd.args([
+        "daemon",
+        "--role",
+        "communicator",
+        "--id",
+        "1",
+        "--runtime-dir",
+    ])
+    .arg(dir.path())
+    .env(ENV_FRESH_START, "1")
+    .stdin(Stdio::null())
+    .stdout(log.try_clone().map_err(|e| e.to_string())?)
+    .stderr(log)
+    .current_dir("/");
     // SAFETY: setsid is async-signal-safe; it detaches the master from our terminal so
     // that closing the shell or a Ctrl-C there does not reach the cluster.
     unsafe {
@@ -68,7 +81,9 @@ pub fn run(common: &Common) -> Result<(), String> {
             Ok(())
         });
     }
-    let mut master = cmd.spawn().map_err(|e| format!("cannot start the master: {e}"))?;
+    let mut master = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the master: {e}"))?;
     let master_pid = master.id();
 
     let deadline = t0 + Duration::from_millis(cfg.start_timeout_ms);
@@ -78,9 +93,11 @@ pub fn run(common: &Common) -> Result<(), String> {
             let tail = last_line(&dir.log_file(master_slot));
             return Err(format!("the master exited at start ({status}): {tail}"));
         }
-        if let Ok(Response::Status(report)) =
-            client::request(&dir.control_socket(), &Request::Status {}, Duration::from_millis(500))
-        {
+        if let Ok(Response::Status(report)) = client::request(
+            &dir.control_socket(),
+            &Request::Status {},
+            Duration::from_millis(500),
+        ) {
             last_missing = report
                 .members
                 .iter()
@@ -89,10 +106,17 @@ pub fn run(common: &Common) -> Result<(), String> {
                 .collect();
             if last_missing.is_empty() {
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;
-                println!("nexus started in {ms:.1} ms: master pid {master_pid}, runtime dir {}", dir.display());
+                println!(
+                    "nexus started in {ms:.1} ms: master pid {master_pid}, runtime dir {}",
+                    dir.display()
+                );
                 println!(
                     "{} communicators, {} watchdogs, {} workflows heartbeating (interval {} ms, timeout {} ms)",
-                    cfg.communicators, cfg.watchdogs, cfg.workflows, cfg.interval_ms, cfg.timeout_ms
+                    cfg.communicators,
+                    cfg.watchdogs,
+                    cfg.workflows,
+                    cfg.interval_ms,
+                    cfg.timeout_ms
                 );
                 return Ok(());
             }
@@ -111,7 +135,12 @@ pub fn run(common: &Common) -> Result<(), String> {
 
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     std::fs::rename(tmp, path)
 }

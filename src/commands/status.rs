@@ -44,7 +44,11 @@ struct Json<'a> {
 
 pub fn run(common: &Common, json: bool) -> Result<i32, String> {
     let dir = common.runtime_dir()?;
-    let report = match client::request(&dir.control_socket(), &Request::Status {}, Duration::from_secs(2)) {
+    let report = match client::request(
+        &dir.control_socket(),
+        &Request::Status {},
+        Duration::from_secs(2),
+    ) {
         Ok(Response::Status(r)) => r,
         Ok(other) => return Err(format!("unexpected answer from the master: {other:?}")),
         Err(e) => {
@@ -64,7 +68,10 @@ pub fn run(common: &Common, json: bool) -> Result<i32, String> {
             rejected_by_master: report.rejected,
             rejected_by_watchdogs: dog_rejected,
         };
-        println!("{}", serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+        );
     } else {
         print_table(&report, &rows, whole);
     }
@@ -81,7 +88,11 @@ fn row(m: &Member, ages: &HashMap<(SlotName, i32), u64>) -> Row {
         .then(|| {
             let up = uptime?;
             let cpu = procscan::cpu_ticks(m.pid)? as f64 / hz;
-            Some(if up > 0.0 { (cpu / up * 1000.0).round() / 10.0 } else { 0.0 })
+            Some(if up > 0.0 {
+                (cpu / up * 1000.0).round() / 10.0
+            } else {
+                0.0
+            })
         })
         .flatten();
     Row {
@@ -107,7 +118,9 @@ fn heartbeat_ages(dir: &RuntimeDir, report: &StatusReport) -> (HashMap<(SlotName
     let mut rejected = 0;
     let path = dir.client_socket();
     let _ = std::fs::remove_file(&path);
-    let Ok(sock) = UnixDatagram::bind(&path) else { return (ages, rejected) };
+    let Ok(sock) = UnixDatagram::bind(&path) else {
+        return (ages, rejected);
+    };
     let dogs: Vec<u32> = report
         .members
         .iter()
@@ -115,7 +128,10 @@ fn heartbeat_ages(dir: &RuntimeDir, report: &StatusReport) -> (HashMap<(SlotName
         .map(|m| m.id)
         .collect();
     let query = protocol::encode(&Datagram::Query {});
-    let asked = dogs.iter().filter(|&&n| sock.send_to(&query, dir.heartbeat_socket(n)).is_ok()).count();
+    let asked = dogs
+        .iter()
+        .filter(|&&n| sock.send_to(&query, dir.heartbeat_socket(n)).is_ok())
+        .count();
     let deadline = Instant::now() + Duration::from_millis(500);
     let mut buf = vec![0u8; protocol::MAX_REPLY];
     let mut answered = 0;
@@ -125,13 +141,26 @@ fn heartbeat_ages(dir: &RuntimeDir, report: &StatusReport) -> (HashMap<(SlotName
             break;
         }
         let Ok(n) = sock.recv(&mut buf) else { break };
-        if let Ok(Datagram::Ages { entries, rejected: r, .. }) = protocol::decode(&buf[..n], protocol::MAX_REPLY) {
+        if let Ok(Datagram::Ages {
+            entries,
+            rejected: r,
+            ..
+        }) = protocol::decode(&buf[..n], protocol::MAX_REPLY)
+        {
             answered += 1;
             rejected += r;
             for e in entries {
                 if let Some(age) = e.age_ms {
-                    let key = (SlotName { role: e.role, id: e.id }, e.pid);
-                    ages.entry(key).and_modify(|a: &mut u64| *a = (*a).min(age)).or_insert(age);
+                    let key = (
+                        SlotName {
+                            role: e.role,
+                            id: e.id,
+                        },
+                        e.pid,
+                    );
+                    ages.entry(key)
+                        .and_modify(|a: &mut u64| *a = (*a).min(age))
+                        .or_insert(age);
                 }
             }
         }
@@ -145,22 +174,35 @@ fn print_table(report: &StatusReport, rows: &[Row], whole: bool) {
         "nexus in {} — master pid {} — {}",
         report.runtime_dir,
         report.master_pid,
-        if whole { "all daemons heartbeating" } else { "DEGRADED" }
+        if whole {
+            "all daemons heartbeating"
+        } else {
+            "DEGRADED"
+        }
     );
     println!(
-        "{:>8}  {:<13} {:>3}  {:>9}  {:>5}  {:>7}  {:<9} {:>8}  {:>8}  {}",
-        "PID", "ROLE", "ID", "UPTIME", "CPU%", "MEM", "STATE", "LAST HB", "RESTARTS", "LAST CAUSE"
+        "{:>8}  {:<13} {:>3}  {:>9}  {:>5}  {:>7}  {:<9} {:>8}  {:>8}  LAST CAUSE",
+        "PID", "ROLE", "ID", "UPTIME", "CPU%", "MEM", "STATE", "LAST HB", "RESTARTS"
     );
     for r in rows {
-        let role = if r.master { format!("{}*", r.role) } else { r.role.to_string() };
+        let role = if r.master {
+            format!("{}*", r.role)
+        } else {
+            r.role.to_string()
+        };
         println!(
             "{:>8}  {:<13} {:>3}  {:>9}  {:>5}  {:>7}  {:<9} {:>8}  {:>8}  {}",
-            if r.pid > 0 { r.pid.to_string() } else { "-".into() },
+            if r.pid > 0 {
+                r.pid.to_string()
+            } else {
+                "-".into()
+            },
             role,
             r.id,
             r.uptime_s.map_or("-".into(), fmt_duration),
             r.cpu_percent.map_or("-".into(), |c| format!("{c:.1}")),
-            r.rss_kib.map_or("-".into(), |k| format!("{:.1}M", k as f64 / 1024.0)),
+            r.rss_kib
+                .map_or("-".into(), |k| format!("{:.1}M", k as f64 / 1024.0)),
             format!("{:?}", r.state).to_lowercase(),
             match (r.master, r.heartbeat_age_ms) {
                 (_, Some(a)) => format!("{:.1}s", a as f64 / 1000.0),

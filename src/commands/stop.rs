@@ -16,11 +16,17 @@ use crate::spawn;
 pub fn run(common: &Common) -> Result<(), String> {
     let dir = common.runtime_dir()?;
     if !dir.exists() {
-        println!("nexus is not running (no runtime directory {})", dir.display());
+        println!(
+            "nexus is not running (no runtime directory {})",
+            dir.display()
+        );
         return Ok(());
     }
     dir.check()?;
-    let grace = common.load_config().map(|c| c.stop_grace_ms).unwrap_or(2000);
+    let grace = common
+        .load_config()
+        .map(|c| c.stop_grace_ms)
+        .unwrap_or(2000);
     let grace = std::fs::read_to_string(dir.config_file())
         .ok()
         .and_then(|t| crate::config::Config::parse(&t).ok())
@@ -33,15 +39,19 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
     let t0 = Instant::now();
     let marker = dir.stopping_marker();
     let _ = std::fs::write(&marker, b"");
-    let reply = client::request(&dir.control_socket(), &Request::Stop {}, Duration::from_secs(2));
+    let reply = client::request(
+        &dir.control_socket(),
+        &Request::Stop {},
+        Duration::from_secs(2),
+    );
     let mut master_pid = match &reply {
         Ok(Response::Stopping { master_pid, .. }) => Some(*master_pid),
         _ => None,
     };
-    if let (Err(e), false) = (&reply, quiet) {
-        if dir.control_socket().exists() {
-            eprintln!("nexus: the master did not answer ({e}); stopping the daemons found in /proc");
-        }
+    if let (Err(e), false) = (&reply, quiet)
+        && dir.control_socket().exists()
+    {
+        eprintln!("nexus: the master did not answer ({e}); stopping the daemons found in /proc");
     }
     let mut members: BTreeMap<i32, SlotName> = BTreeMap::new();
     if let Ok(Response::Stopping { members: m, .. }) = &reply {
@@ -63,7 +73,8 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
         return Ok(());
     }
     if master_pid.is_none() {
-        master_pid = LeaderLock::recorded_pid(&dir.leader_lock()).filter(|p| members.contains_key(p));
+        master_pid =
+            LeaderLock::recorded_pid(&dir.leader_lock()).filter(|p| members.contains_key(p));
     }
 
     let grace = Duration::from_millis(grace_ms);
@@ -82,22 +93,41 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
             Role::Communicator => 3,
         };
         for phase in 0..4 {
-            let pids: Vec<i32> = members.iter().filter(|(p, s)| phase_of(p, s) == phase).map(|(p, _)| *p).collect();
+            let pids: Vec<i32> = members
+                .iter()
+                .filter(|(p, s)| phase_of(p, s) == phase)
+                .map(|(p, _)| *p)
+                .collect();
             let (stopped, killed) = terminate(&pids, grace);
             total += stopped;
             forced += killed;
         }
-        members = procscan::daemons_of(dir.path()).into_iter().map(|f| (f.pid, f.slot)).collect();
+        members = procscan::daemons_of(dir.path())
+            .into_iter()
+            .map(|f| (f.pid, f.slot))
+            .collect();
     }
     dir.remove_sockets();
     let _ = std::fs::remove_file(&marker);
     if !members.is_empty() {
-        return Err(format!("{} daemons of {} could not be stopped: {:?}", members.len(), dir.display(), members));
+        return Err(format!(
+            "{} daemons of {} could not be stopped: {:?}",
+            members.len(),
+            dir.display(),
+            members
+        ));
     }
     if !quiet {
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
-        let forced = if forced > 0 { format!(", {forced} needed SIGKILL") } else { String::new() };
-        println!("nexus stopped in {ms:.1} ms: {total} daemons{forced}; sockets removed from {}", dir.display());
+        let forced = if forced > 0 {
+            format!(", {forced} needed SIGKILL")
+        } else {
+            String::new()
+        };
+        println!(
+            "nexus stopped in {ms:.1} ms: {total} daemons{forced}; sockets removed from {}",
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -105,7 +135,10 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
 /// SIGTERM to each, wait up to `grace`, SIGKILL the rest, wait for them. Returns
 /// (processes that ended, how many needed SIGKILL).
 fn terminate(pids: &[i32], grace: Duration) -> (usize, usize) {
-    let fds: Vec<OwnedFd> = pids.iter().filter_map(|&p| spawn::pidfd_open(p).ok()).collect();
+    let fds: Vec<OwnedFd> = pids
+        .iter()
+        .filter_map(|&p| spawn::pidfd_open(p).ok())
+        .collect();
     for fd in &fds {
         let _ = spawn::pidfd_signal(fd, libc::SIGTERM);
     }
@@ -127,8 +160,14 @@ fn wait_all(mut fds: Vec<OwnedFd>, limit: Duration) -> Vec<OwnedFd> {
         if fds.is_empty() || left.is_zero() {
             break;
         }
-        let mut pfds: Vec<libc::pollfd> =
-            fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        let mut pfds: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|fd| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
         let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
         // SAFETY: pfds is a valid array of pollfd for its length.
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };

@@ -21,7 +21,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use nix::sys::socket::{self, sockopt};
 
 use crate::config::{Role, SlotName};
-use crate::daemon::{DaemonCtx, Heartbeater, Rejections, Signals, timeout_until};
+use crate::daemon::{DaemonCtx, Heartbeater, Rejections, Signals, poll_until};
 use crate::ledger::{Event, Ledger, unix_ms_now};
 use crate::procscan;
 use crate::protocol::{self, Member, Request, Response, SlotState, StatusReport};
@@ -132,7 +132,8 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     poll.registry()
         .register(&mut signals.source, SIGNALS, Interest::READABLE)
         .map_err(|e| format!("cannot poll signals: {e}"))?;
-    let heart = Heartbeater::new(&ctx).map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
+    let heart =
+        Heartbeater::new(&ctx).map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
     let lock_path = ctx.dir.leader_lock();
     let lock = LeaderLock::try_acquire(&lock_path)
         .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
@@ -167,11 +168,7 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
                 wake = wake.min(t);
             }
         }
-        if let Err(e) = comm.poll.poll(&mut events, Some(timeout_until(wake))) {
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(format!("poll failed: {e}"));
-            }
-        }
+        poll_until(&mut comm.poll, &mut events, wake)?;
         for event in events.iter() {
             match event.token() {
                 SIGNALS => {
@@ -227,7 +224,9 @@ impl Communicator {
     }
 
     fn on_handover(&mut self) -> Result<(), String> {
-        let Some(rx) = self.handover.as_ref() else { return Ok(()) };
+        let Some(rx) = self.handover.as_ref() else {
+            return Ok(());
+        };
         match rx.try_recv() {
             Ok(Ok(lock)) => {
                 self.handover = None;
@@ -245,20 +244,22 @@ impl Communicator {
             std::process::exit(0);
         }
         let previous = LeaderLock::recorded_pid(&dir.leader_lock()).filter(|&p| p != self.ctx.pid);
-        lock.write_pid(self.ctx.pid as u32).map_err(|e| format!("cannot write leader.lock: {e}"))?;
+        lock.write_pid(self.ctx.pid as u32)
+            .map_err(|e| format!("cannot write leader.lock: {e}"))?;
 
         // The control socket first: it is what clients are waiting for.
         let path = dir.control_socket();
         let _ = std::fs::remove_file(&path);
-        let mut listener =
-            UnixListener::bind(&path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+        let mut listener = UnixListener::bind(&path)
+            .map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
         self.poll
             .registry()
             .register(&mut listener, CONTROL, Interest::READABLE)
             .map_err(|e| format!("cannot poll the control socket: {e}"))?;
-        let ledger = Ledger::open(&dir.events()).map_err(|e| format!("cannot open the ledger: {e}"))?;
+        let ledger =
+            Ledger::open(&dir.events()).map_err(|e| format!("cannot open the ledger: {e}"))?;
 
         let slots = self
             .ctx
@@ -288,7 +289,11 @@ impl Communicator {
             rejected: Rejections::new(),
             whole_logged: false,
         };
-        let me = self.ctx.config.slot_index(self.ctx.slot).ok_or("our own slot is not in the config")?;
+        let me = self
+            .ctx
+            .config
+            .slot_index(self.ctx.slot)
+            .ok_or("our own slot is not in the config")?;
         m.slots[me].proc = Some(Proc {
             pid: self.ctx.pid,
             pidfd: None,
@@ -311,11 +316,22 @@ impl Communicator {
             ev.cause = Some("failover".into());
         }
         m.ledger.append(&ev);
-        log::info!("master of {} (previous master: {previous:?})", dir.display());
+        log::info!(
+            "master of {} (previous master: {previous:?})",
+            dir.display()
+        );
 
         // Watchdogs first, so the others find their sockets when they first beat.
         let now = Instant::now();
-        let order = Role::ALL.map(|r| if r == Role::Communicator { Role::Watchdog } else if r == Role::Watchdog { Role::Communicator } else { r });
+        let order = Role::ALL.map(|r| {
+            if r == Role::Communicator {
+                Role::Watchdog
+            } else if r == Role::Watchdog {
+                Role::Communicator
+            } else {
+                r
+            }
+        });
         for role in order {
             for i in 0..m.slots.len() {
                 if m.slots[i].name.role != role || m.slots[i].proc.is_some() {
@@ -325,7 +341,11 @@ impl Communicator {
                     // A takeover: the slot lost its process along with the old master.
                     let was_master = role == Role::Communicator;
                     m.slots[i].pending = Some(Recovery {
-                        cause: if was_master { Cause::Failover } else { Cause::Crash },
+                        cause: if was_master {
+                            Cause::Failover
+                        } else {
+                            Cause::Crash
+                        },
                         old_pid: if was_master { previous.unwrap_or(0) } else { 0 },
                         detected: now,
                         detect_ms: 0.0,
@@ -361,13 +381,19 @@ impl Master {
             if found.pid == ctx.pid {
                 continue;
             }
-            let Ok(fd) = spawn::pidfd_open(found.pid) else { continue };
+            let Ok(fd) = spawn::pidfd_open(found.pid) else {
+                continue;
+            };
             // The pid could have been reused between the scan and the open: check again.
             if procscan::daemon_slot(found.pid, ctx.dir.path()) != Some(found.slot) {
                 continue;
             }
             let Some(i) = ctx.config.slot_index(found.slot) else {
-                log::warn!("killing {} pid {}: not in the config", found.slot, found.pid);
+                log::warn!(
+                    "killing {} pid {}: not in the config",
+                    found.slot,
+                    found.pid
+                );
                 let _ = spawn::pidfd_signal(&fd, libc::SIGKILL);
                 continue;
             };
@@ -392,7 +418,11 @@ impl Master {
             }
             if poll
                 .registry()
-                .register(&mut SourceFd(&fd.as_raw_fd()), Token(PIDFD_BASE + i), Interest::READABLE)
+                .register(
+                    &mut SourceFd(&fd.as_raw_fd()),
+                    Token(PIDFD_BASE + i),
+                    Interest::READABLE,
+                )
                 .is_err()
             {
                 continue;
@@ -476,7 +506,9 @@ impl Master {
     fn on_event(&mut self, ctx: &DaemonCtx, poll: &Poll, token: Token, uid: u32) {
         match token {
             CONTROL => self.accept_all(poll, uid),
-            Token(t) if (PIDFD_BASE..CONN_BASE).contains(&t) => self.on_exit(ctx, poll, t - PIDFD_BASE),
+            Token(t) if (PIDFD_BASE..CONN_BASE).contains(&t) => {
+                self.on_exit(ctx, poll, t - PIDFD_BASE)
+            }
             Token(t) if t >= CONN_BASE => self.on_conn(ctx, poll, t),
             _ => {}
         }
@@ -484,15 +516,25 @@ impl Master {
 
     /// A daemon exited. The hot path is reap → spawn; bookkeeping comes after.
     fn on_exit(&mut self, ctx: &DaemonCtx, poll: &Poll, i: usize) {
-        let Some(slot) = self.slots.get_mut(i) else { return };
-        let Some(proc) = slot.proc.as_ref() else { return };
-        let Some(fd) = proc.pidfd.as_ref() else { return };
+        let Some(slot) = self.slots.get_mut(i) else {
+            return;
+        };
+        let Some(proc) = slot.proc.as_ref() else {
+            return;
+        };
+        let Some(fd) = proc.pidfd.as_ref() else {
+            return;
+        };
         if !spawn::has_exited(fd) {
             return;
         }
         let _ = poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
         let proc = slot.proc.take().expect("checked above");
-        let how = if proc.child { spawn::reap(proc.pid) } else { None };
+        let how = if proc.child {
+            spawn::reap(proc.pid)
+        } else {
+            None
+        };
         let now = Instant::now();
         let recovery = proc.killing.unwrap_or(Recovery {
             cause: Cause::Crash,
@@ -521,14 +563,20 @@ impl Master {
         ev.cause = (!self.stopping).then(|| recovery.cause.as_str().to_string());
         ev.detail = how;
         self.ledger.append(&ev);
-        log::info!("{name} pid {} exited ({})", proc.pid, ev.detail.as_deref().unwrap_or("not our child"));
+        log::info!(
+            "{name} pid {} exited ({})",
+            proc.pid,
+            ev.detail.as_deref().unwrap_or("not our child")
+        );
         if self.slots[i].failed && self.slots[i].proc.is_none() {
             let mut ev = Event::new("failed");
             ev.role = Some(name.role);
             ev.id = Some(name.id);
             ev.detail = Some(format!(
                 "more than {} restarts in {} ms; retrying every {} ms",
-                ctx.config.restart_intensity, ctx.config.restart_period_ms, ctx.config.backoff_max_ms
+                ctx.config.restart_intensity,
+                ctx.config.restart_period_ms,
+                ctx.config.backoff_max_ms
             ));
             self.ledger.append(&ev);
         }
@@ -547,12 +595,17 @@ impl Master {
             let creds = socket::getsockopt(&stream, sockopt::PeerCredentials);
             let Ok(creds) = creds else { continue };
             if creds.uid() != uid {
-                self.rejected.reject(format_args!("control connection from uid {}", creds.uid()));
+                self.rejected
+                    .reject(format_args!("control connection from uid {}", creds.uid()));
                 continue;
             }
             let id = CONN_BASE + self.next_conn;
             self.next_conn = (self.next_conn + 1) % (1 << 20);
-            if poll.registry().register(&mut stream, Token(id), Interest::READABLE).is_err() {
+            if poll
+                .registry()
+                .register(&mut stream, Token(id), Interest::READABLE)
+                .is_err()
+            {
                 continue;
             }
             self.conns.insert(
@@ -570,7 +623,9 @@ impl Master {
     }
 
     fn on_conn(&mut self, ctx: &DaemonCtx, poll: &Poll, id: usize) {
-        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
         if !conn.outbuf.is_empty() {
             if flush(conn) {
                 self.close(poll, id);
@@ -608,17 +663,24 @@ impl Master {
             Ok(req) => self.handle(ctx, peer, req),
             Err(e) => {
                 if !line.is_empty() {
-                    self.rejected.reject(format_args!("control request from pid {peer}: {e}"));
+                    self.rejected
+                        .reject(format_args!("control request from pid {peer}: {e}"));
                 }
-                Response::Error { message: e.to_string() }
+                Response::Error {
+                    message: e.to_string(),
+                }
             }
         };
-        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
         conn.outbuf = protocol::encode_line(&response);
         if flush(conn) {
             self.close(poll, id);
         } else {
-            let _ = poll.registry().reregister(&mut conn.stream, Token(id), Interest::WRITABLE);
+            let _ = poll
+                .registry()
+                .reregister(&mut conn.stream, Token(id), Interest::WRITABLE);
         }
     }
 
@@ -630,10 +692,15 @@ impl Master {
 
     fn expire_conns(&mut self, poll: &Poll) {
         let now = Instant::now();
-        let expired: Vec<usize> =
-            self.conns.iter().filter(|(_, c)| now >= c.opened + CONN_TIMEOUT).map(|(&id, _)| id).collect();
+        let expired: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| now >= c.opened + CONN_TIMEOUT)
+            .map(|(&id, _)| id)
+            .collect();
         for id in expired {
-            self.rejected.reject(format_args!("control connection timed out"));
+            self.rejected
+                .reject(format_args!("control connection timed out"));
             self.close(poll, id);
         }
     }
@@ -650,26 +717,42 @@ impl Master {
                     self.ledger.append(&Event::new("stopping"));
                     log::info!("stop requested by pid {peer}");
                 }
-                Response::Stopping { master_pid: ctx.pid, members: self.members(ctx) }
+                Response::Stopping {
+                    master_pid: ctx.pid,
+                    members: self.members(ctx),
+                }
             }
             Request::Ready { role, id, pid } => self.on_ready(peer, SlotName { role, id }, pid),
-            Request::Silent { reporter, role, id, pid, silent_ms } => {
-                self.on_silent(ctx, peer, reporter, SlotName { role, id }, pid, silent_ms)
-            }
+            Request::Silent {
+                reporter,
+                role,
+                id,
+                pid,
+                silent_ms,
+            } => self.on_silent(ctx, peer, reporter, SlotName { role, id }, pid, silent_ms),
         }
     }
 
     fn on_ready(&mut self, peer: i32, name: SlotName, pid: i32) -> Response {
         if pid != peer {
-            self.rejected.reject(format_args!("ready for {name} pid {pid} sent by pid {peer}"));
-            return Response::Error { message: "pid does not match the sender".into() };
+            self.rejected.reject(format_args!(
+                "ready for {name} pid {pid} sent by pid {peer}"
+            ));
+            return Response::Error {
+                message: "pid does not match the sender".into(),
+            };
         }
         let Some(slot) = self.slots.iter_mut().find(|s| s.name == name) else {
-            self.rejected.reject(format_args!("ready from unknown slot {name}"));
-            return Response::Error { message: format!("no slot {name}") };
+            self.rejected
+                .reject(format_args!("ready from unknown slot {name}"));
+            return Response::Error {
+                message: format!("no slot {name}"),
+            };
         };
         let Some(proc) = slot.proc.as_mut().filter(|p| p.pid == pid) else {
-            return Response::Error { message: "stale: not the slot's current process".into() };
+            return Response::Error {
+                message: "stale: not the slot's current process".into(),
+            };
         };
         proc.ready = true;
         if let Some(rec) = slot.pending.take() {
@@ -683,7 +766,12 @@ impl Master {
             ev.recover_ms = Some(round3(rec.detected.elapsed().as_secs_f64() * 1000.0));
             self.ledger.append(&ev);
         }
-        if !self.whole_logged && self.slots.iter().all(|s| s.proc.as_ref().is_some_and(|p| p.ready)) {
+        if !self.whole_logged
+            && self
+                .slots
+                .iter()
+                .all(|s| s.proc.as_ref().is_some_and(|p| p.ready))
+        {
             self.whole_logged = true;
             log::info!("cluster whole: {} daemons heartbeating", self.slots.len());
         }
@@ -699,22 +787,32 @@ impl Master {
         pid: i32,
         silent_ms: u64,
     ) -> Response {
-        let reporter_slot = SlotName { role: Role::Watchdog, id: reporter };
+        let reporter_slot = SlotName {
+            role: Role::Watchdog,
+            id: reporter,
+        };
         let genuine_reporter = ctx
             .config
             .slot_index(reporter_slot)
             .and_then(|i| self.slots[i].proc.as_ref())
             .is_some_and(|p| p.pid == peer);
         if !genuine_reporter {
-            self.rejected.reject(format_args!("silence report from pid {peer}, not {reporter_slot}"));
-            return Response::Error { message: "only watchdogs report silence".into() };
+            self.rejected.reject(format_args!(
+                "silence report from pid {peer}, not {reporter_slot}"
+            ));
+            return Response::Error {
+                message: "only watchdogs report silence".into(),
+            };
         }
         if self.stopping || name == ctx.slot {
             return Response::Ok {};
         }
         let Some(i) = ctx.config.slot_index(name) else {
-            self.rejected.reject(format_args!("silence report about unknown slot {name}"));
-            return Response::Error { message: format!("no slot {name}") };
+            self.rejected
+                .reject(format_args!("silence report about unknown slot {name}"));
+            return Response::Error {
+                message: format!("no slot {name}"),
+            };
         };
         let quorum = self.quorum(name);
         let timeout = ctx.config.timeout();
@@ -727,7 +825,9 @@ impl Master {
         // should have been heard by now; otherwise it is about a predecessor: stale.
         let about_current = pid == proc.pid || proc.started.elapsed() >= timeout;
         if !about_current || proc.killing.is_some() {
-            log::debug!("dropped stale silence report on {name} pid {pid} from watchdog-{reporter}");
+            log::debug!(
+                "dropped stale silence report on {name} pid {pid} from watchdog-{reporter}"
+            );
             return Response::Ok {};
         }
         if !proc.votes.contains(&reporter) {
@@ -760,7 +860,9 @@ impl Master {
         ev.pid = Some(victim);
         ev.cause = Some("hang".into());
         ev.detect_ms = Some(silent_ms as f64);
-        ev.detail = Some(format!("silent for {silent_ms} ms; reported by watchdogs {votes:?}"));
+        ev.detail = Some(format!(
+            "silent for {silent_ms} ms; reported by watchdogs {votes:?}"
+        ));
         self.ledger.append(&ev);
         Response::Ok {}
     }
@@ -772,7 +874,11 @@ impl Master {
             .slots
             .iter()
             .filter(|s| s.name.role == Role::Watchdog && s.name != subject)
-            .filter(|s| s.proc.as_ref().is_some_and(|p| p.ready && p.killing.is_none()))
+            .filter(|s| {
+                s.proc
+                    .as_ref()
+                    .is_some_and(|p| p.ready && p.killing.is_none())
+            })
             .count();
         live / 2 + 1
     }
@@ -821,7 +927,11 @@ impl Slot {
         let cfg = &ctx.config;
         let now = Instant::now();
         let period = Duration::from_millis(cfg.restart_period_ms);
-        while self.recent_restarts.front().is_some_and(|&t| now.duration_since(t) > period) {
+        while self
+            .recent_restarts
+            .front()
+            .is_some_and(|&t| now.duration_since(t) > period)
+        {
             self.recent_restarts.pop_front();
         }
         self.recent_restarts.push_back(now);

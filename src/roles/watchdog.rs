@@ -12,7 +12,7 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, UnixAddr, sockopt};
 
 use crate::config::SlotName;
-use crate::daemon::{DaemonCtx, Heartbeater, Rejections, Signals, send_request, timeout_until};
+use crate::daemon::{DaemonCtx, Heartbeater, Rejections, Signals, poll_until, send_request};
 use crate::protocol::{self, Age, Datagram, Request};
 
 const SIGNALS: Token = Token(0);
@@ -47,7 +47,8 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     // Our id is ours alone (the master spawns one process per slot), so whatever file is
     // there is a dead predecessor's socket.
     let _ = std::fs::remove_file(&path);
-    let sock = UnixDatagram::bind(&path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+    let sock =
+        UnixDatagram::bind(&path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
     socket::setsockopt(&sock, sockopt::PassCred, &true)
@@ -55,14 +56,21 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
 
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
     let mut signals = Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let mut heart = Heartbeater::new(&ctx).map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
+    let mut heart =
+        Heartbeater::new(&ctx).map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
     let now = Instant::now();
     let timeout = ctx.config.timeout();
     let heard = ctx
         .config
         .slots()
         .into_iter()
-        .map(|slot| Heard { slot, last: now, pid: 0, heard: false, due: now + timeout })
+        .map(|slot| Heard {
+            slot,
+            last: now,
+            pid: 0,
+            heard: false,
+            due: now + timeout,
+        })
         .collect();
     let mut dog = Watchdog {
         sock,
@@ -82,19 +90,13 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     loop {
         heart.tick(Instant::now());
         let wake = heart.next_due().min(dog.next_check);
-        if let Err(e) = poll.poll(&mut events, Some(timeout_until(wake))) {
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(format!("poll failed: {e}"));
-            }
-        }
+        poll_until(&mut poll, &mut events, wake)?;
         for event in events.iter() {
             match event.token() {
-                SIGNALS => {
-                    if signals.drain() {
-                        log::info!("terminating on signal");
-                        let _ = std::fs::remove_file(&path);
-                        return Ok(());
-                    }
+                SIGNALS if signals.drain() => {
+                    log::info!("terminating on signal");
+                    let _ = std::fs::remove_file(&path);
+                    return Ok(());
                 }
                 SOCKET => dog.receive_all(),
                 _ => {}
@@ -147,15 +149,20 @@ impl Watchdog {
             (msg.bytes, truncated, creds, msg.address)
         };
         let Some((sender_pid, sender_uid)) = creds else {
-            self.rejected.reject(format_args!("datagram without sender credentials"));
+            self.rejected
+                .reject(format_args!("datagram without sender credentials"));
             return Ok(true);
         };
         if sender_uid != self.uid {
-            self.rejected.reject(format_args!("datagram from uid {sender_uid} (pid {sender_pid})"));
+            self.rejected.reject(format_args!(
+                "datagram from uid {sender_uid} (pid {sender_pid})"
+            ));
             return Ok(true);
         }
         if truncated || len > protocol::MAX_DATAGRAM {
-            self.rejected.reject(format_args!("oversized datagram ({len} bytes) from pid {sender_pid}"));
+            self.rejected.reject(format_args!(
+                "oversized datagram ({len} bytes) from pid {sender_pid}"
+            ));
             return Ok(true);
         }
         match protocol::decode::<Datagram>(&buf[..len], protocol::MAX_DATAGRAM) {
@@ -176,19 +183,25 @@ impl Watchdog {
                     h.heard = true;
                     h.due = now + self.ctx.config.timeout();
                 } else {
-                    self.rejected.reject(format_args!("heartbeat from unknown slot {slot}"));
+                    self.rejected
+                        .reject(format_args!("heartbeat from unknown slot {slot}"));
                 }
             }
             Ok(Datagram::Query {}) => self.answer_query(from),
-            Ok(other) => self.rejected.reject(format_args!("unexpected datagram {other:?}")),
-            Err(e) => self.rejected.reject(format_args!("{e} (from pid {sender_pid})")),
+            Ok(other) => self
+                .rejected
+                .reject(format_args!("unexpected datagram {other:?}")),
+            Err(e) => self
+                .rejected
+                .reject(format_args!("{e} (from pid {sender_pid})")),
         }
         Ok(true)
     }
 
     fn answer_query(&mut self, from: Option<UnixAddr>) {
         let Some(path) = from.as_ref().and_then(|a| a.path()) else {
-            self.rejected.reject(format_args!("query from an unbound socket"));
+            self.rejected
+                .reject(format_args!("query from an unbound socket"));
             return;
         };
         let now = Instant::now();
@@ -200,7 +213,9 @@ impl Watchdog {
                 role: h.slot.role,
                 id: h.slot.id,
                 pid: h.pid,
-                age_ms: h.heard.then(|| now.duration_since(h.last).as_millis() as u64),
+                age_ms: h
+                    .heard
+                    .then(|| now.duration_since(h.last).as_millis() as u64),
             })
             .collect();
         let reply = protocol::encode(&Datagram::Ages {
@@ -232,7 +247,11 @@ impl Watchdog {
                     silent_ms,
                 };
                 match send_request(&control, &report) {
-                    Ok(()) => log::info!("reported {} (pid {}) silent for {silent_ms} ms", h.slot, h.pid),
+                    Ok(()) => log::info!(
+                        "reported {} (pid {}) silent for {silent_ms} ms",
+                        h.slot,
+                        h.pid
+                    ),
                     Err(e) => log::warn!("cannot report {} silent to the master: {e}", h.slot),
                 }
                 // Ask again after another timeout if it stays silent; retry sooner if the

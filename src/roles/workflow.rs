@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use mio::{Events, Interest, Poll, Token};
 
-use crate::daemon::{DaemonCtx, Heartbeater, Signals, timeout_until};
+use crate::daemon::{DaemonCtx, Heartbeater, Signals, poll_until};
 
 const SIGNALS: Token = Token(0);
 
@@ -15,16 +15,13 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     poll.registry()
         .register(&mut signals.source, SIGNALS, Interest::READABLE)
         .map_err(|e| format!("cannot poll signals: {e}"))?;
-    let mut heart = Heartbeater::new(&ctx).map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
+    let mut heart =
+        Heartbeater::new(&ctx).map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
     let mut events = Events::with_capacity(8);
     log::info!("workflow {} running", ctx.slot);
     loop {
         heart.tick(Instant::now());
-        if let Err(e) = poll.poll(&mut events, Some(timeout_until(heart.next_due()))) {
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(format!("poll failed: {e}"));
-            }
-        }
+        poll_until(&mut poll, &mut events, heart.next_due())?;
         if events.iter().any(|e| e.token() == SIGNALS) && signals.drain() {
             log::info!("terminating on signal");
             return Ok(());

@@ -1,0 +1,101 @@
+//! The master dies: the standby takes the lock, binds the control socket, adopts the
+//! running daemons and respawns the missing communicator. Never two masters.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn masters(c: &Cluster) -> usize {
+    // Exactly one process may hold the control socket's listener: ask the kernel via the
+    // lock, and check that the recorded holder is a live communicator.
+    let m = c.master_pid();
+    usize::from(
+        c.daemons()
+            .iter()
+            .any(|d| d.0 == m && d.1 == "communicator"),
+    )
+}
+
+#[test]
+fn killed_master_is_replaced_by_the_standby() {
+    let c = Cluster::new(FAST);
+    c.start();
+    let old = c.master_pid();
+    let workflows: Vec<i32> = c
+        .daemons()
+        .iter()
+        .filter(|d| d.1 == "workflow")
+        .map(|d| d.0)
+        .collect();
+    signal(old, libc::SIGKILL);
+    wait_until("a new master", Duration::from_secs(10), || {
+        c.master_pid() != old && masters(&c) == 1
+    });
+    c.wait_whole(10, Duration::from_secs(10));
+    let now: Vec<i32> = c
+        .daemons()
+        .iter()
+        .filter(|d| d.1 == "workflow")
+        .map(|d| d.0)
+        .collect();
+    assert_eq!(workflows, now, "the workflows were adopted, not restarted");
+    let leader: Vec<_> = c
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "leader")
+        .collect();
+    assert_eq!(leader.len(), 1);
+    assert_eq!(leader[0]["old_pid"], old);
+    wait_until("failover recovery recorded", Duration::from_secs(5), || {
+        !c.recoveries_of(old).is_empty()
+    });
+    assert_eq!(c.recoveries_of(old)[0]["cause"], "failover");
+
+    // The new master respawns like the old one did.
+    let victim = c.pid_of("workflow", 5).unwrap();
+    signal(victim, libc::SIGKILL);
+    wait_until(
+        "workflow-5 replaced by the new master",
+        Duration::from_secs(10),
+        || c.pid_of("workflow", 5).is_some_and(|p| p != victim),
+    );
+    assert!(c.nexus(&["stop"]).status.success());
+    assert!(c.daemons().is_empty());
+}
+
+#[test]
+fn repeated_master_kills() {
+    let c = Cluster::new(FAST);
+    c.start();
+    for _ in 0..4 {
+        let old = c.master_pid();
+        signal(old, libc::SIGKILL);
+        wait_until("a new master", Duration::from_secs(10), || {
+            c.master_pid() != old && masters(&c) == 1
+        });
+        c.wait_whole(10, Duration::from_secs(10));
+    }
+    let out = c.nexus(&["stop"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(c.daemons().is_empty());
+}
+
+#[test]
+fn hung_daemon_is_still_replaced_after_failover() {
+    let c = Cluster::new(FAST);
+    c.start();
+    let old = c.master_pid();
+    signal(old, libc::SIGKILL);
+    wait_until("a new master", Duration::from_secs(10), || {
+        c.master_pid() != old && masters(&c) == 1
+    });
+    c.wait_whole(10, Duration::from_secs(10));
+    let victim = c.pid_of("workflow", 1).unwrap();
+    signal(victim, libc::SIGSTOP);
+    wait_until("hung workflow-1 replaced", Duration::from_secs(10), || {
+        c.pid_of("workflow", 1).is_some_and(|p| p != victim)
+    });
+    wait_until("old pid gone", Duration::from_secs(5), || gone(victim));
+}
