@@ -12,7 +12,12 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin="$repo/target/release/nexus"
 if [[ ! -x "$bin" ]]; then
     echo "building nexus (release)..." >&2
-    cargo build --release --manifest-path "$repo/Cargo.toml" >&2
+    # The repo's build recipe (as ./start uses) if there is one, else plain cargo.
+    if [[ -x "$repo/scripts/build-release" ]]; then
+        "$repo/scripts/build-release" >&2
+    else
+        cargo build --release --manifest-path "$repo/Cargo.toml" >&2
+    fi
 fi
 
 # --- the runtime directory ----------------------------------------------------------

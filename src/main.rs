@@ -43,6 +43,12 @@ const ENV_FAULT: &str = "NEXUS_FAULT";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) != Some("daemon") {
+        // A command-line tool piped into `head` should end quietly, as Unix tools do,
+        // rather than panic on a write to a closed pipe.
+        // SAFETY: restoring a default disposition before any other thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match dispatch(&args) {
         Ok(code) => ExitCode::from(code as u8),
         Err(Failure::Usage(msg)) => {
@@ -145,6 +151,7 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
             Ok(0)
         }
         "daemon" => {
+            // Daemons keep Rust's ignored SIGPIPE: a vanished peer is an error to handle.
             let role = role.ok_or_else(|| Failure::Usage("daemon needs --role".into()))?;
             let role = Role::parse(&role).ok_or_else(|| {
                 Failure::Usage(format!(

@@ -23,7 +23,7 @@ pub fn run(common: &Common) -> Result<(), String> {
     if LeaderLock::is_held(&lock) {
         let pid = LeaderLock::recorded_pid(&lock).map_or("unknown".into(), |p| p.to_string());
         return Err(format!(
-            "nexus is already running in {} (master pid {pid}); stop it first with ./stop",
+            "already running in {} (master pid {pid}); stop it first with ./stop",
             dir.display()
         ));
     }
