@@ -12,7 +12,7 @@ use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 
 use crate::config::{Config, Role, SlotName};
 use crate::protocol::{self, Datagram, Request};
-use crate::runtime_dir::RuntimeDir;
+use crate::runtime_dir::{LeaderLock, RuntimeDir};
 
 /// Who this daemon is and the cluster it belongs to.
 pub struct DaemonCtx {
@@ -237,5 +237,125 @@ pub fn poll_until(
     match poll.poll(events, Some(timeout)) {
         Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(format!("poll failed: {e}")),
         _ => Ok(()),
+    }
+}
+
+/// What a non-communicator daemon learns from probing the leader lock.
+pub enum Probe {
+    /// Somebody is master.
+    Fine,
+    /// Nobody is: we hold the lock now and should become the master.
+    TakeOver(LeaderLock),
+    /// Nobody has been master for two timeouts and we cannot take over: exit, so that
+    /// nothing runs unsupervised.
+    GiveUp,
+}
+
+/// Watches for the loss of every communicator. One non-blocking flock per heartbeat:
+/// it costs the master nothing, and fails (EWOULDBLOCK) as long as a master lives.
+pub struct MasterProbe {
+    lock: PathBuf,
+    stopping: PathBuf,
+    give_up_after: Duration,
+    masterless_since: Option<Instant>,
+    /// Test-only (NEXUS_FAULT=no_takeover): probe but never take over.
+    never_take_over: bool,
+}
+
+impl MasterProbe {
+    pub fn new(ctx: &DaemonCtx) -> MasterProbe {
+        MasterProbe {
+            lock: ctx.dir.leader_lock(),
+            stopping: ctx.dir.stopping_marker(),
+            give_up_after: 2 * ctx.config.timeout(),
+            masterless_since: None,
+            never_take_over: std::env::var("NEXUS_FAULT")
+                .is_ok_and(|f| f.split(',').any(|x| x == "no_takeover")),
+        }
+    }
+
+    pub fn check(&mut self) -> Probe {
+        let lock = match LeaderLock::try_acquire(&self.lock) {
+            Ok(Some(lock)) => lock,
+            Ok(None) | Err(_) => {
+                self.masterless_since = None;
+                return Probe::Fine;
+            }
+        };
+        let since = *self.masterless_since.get_or_insert_with(Instant::now);
+        if !self.never_take_over && !self.stopping.exists() {
+            return Probe::TakeOver(lock);
+        }
+        drop(lock);
+        if since.elapsed() >= self.give_up_after {
+            Probe::GiveUp
+        } else {
+            Probe::Fine
+        }
+    }
+
+    /// A takeover failed: count the time towards giving up.
+    pub fn failed_takeover(&mut self) {
+        self.masterless_since.get_or_insert_with(Instant::now);
+        if self
+            .masterless_since
+            .is_some_and(|t| t.elapsed() >= self.give_up_after)
+        {
+            self.never_take_over = true;
+        }
+    }
+}
+
+/// Re-execs this process as the master: same pid, the lock kept across exec, the
+/// command line of a free communicator slot. Returns only on failure (lock released).
+pub fn take_over(ctx: &DaemonCtx, lock: LeaderLock) -> String {
+    use std::os::unix::process::CommandExt;
+    let taken: Vec<u32> = crate::procscan::daemons_of(ctx.dir.path())
+        .iter()
+        .filter(|f| f.slot.role == Role::Communicator)
+        .map(|f| f.slot.id)
+        .collect();
+    let Some(id) = (1..=ctx.config.communicators).find(|id| !taken.contains(id)) else {
+        return "every communicator slot is taken: leaving the lock to them".into();
+    };
+    let fd = match lock.keep_across_exec() {
+        Ok(fd) => fd,
+        Err(e) => return format!("cannot keep the lock across exec: {e}"),
+    };
+    log::warn!("no master and no communicator left: taking over as communicator-{id}");
+    let err = std::process::Command::new(&ctx.exe)
+        .args([
+            "daemon",
+            "--role",
+            "communicator",
+            "--id",
+            &id.to_string(),
+            "--runtime-dir",
+        ])
+        .arg(ctx.dir.path())
+        .env(crate::spawn::ENV_LEADER_FD, fd.to_string())
+        .env(crate::spawn::ENV_TAKEOVER_FROM, ctx.slot.to_string())
+        .exec();
+    // SAFETY: exec failed, so the fd is still ours; closing it releases the lock.
+    unsafe { libc::close(fd) };
+    format!("cannot exec {}: {err}", ctx.exe.display())
+}
+
+/// The probe's verdict acted on, for the roles' loops: Ok(true) means exit now.
+pub fn act_on_probe(ctx: &DaemonCtx, probe: &mut MasterProbe) -> bool {
+    match probe.check() {
+        Probe::Fine => false,
+        Probe::TakeOver(lock) => {
+            let why = take_over(ctx, lock);
+            log::error!("takeover failed: {why}");
+            probe.failed_takeover();
+            false
+        }
+        Probe::GiveUp => {
+            log::error!(
+                "no master for two timeouts and none can be made: exiting so nothing runs unsupervised"
+            );
+            true
+        }
     }
 }

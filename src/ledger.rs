@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Role;
+use crate::config::{Role, SlotName};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -72,6 +72,34 @@ impl Ledger {
     }
 }
 
+/// The pid and slot of the last master the ledger names (its `started` or `leader`
+/// event), read from the ledger's tail: how a successor learns which slot it inherits.
+pub fn last_master(path: &Path) -> Option<(i32, SlotName)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(256 * 1024)))
+        .ok()?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).ok()?;
+    String::from_utf8_lossy(&tail)
+        .lines()
+        .rev()
+        .find_map(|line| {
+            let ev: Event = serde_json::from_str(line).ok()?;
+            if ev.event != "started" && ev.event != "leader" {
+                return None;
+            }
+            Some((
+                ev.pid?,
+                SlotName {
+                    role: ev.role?,
+                    id: ev.id?,
+                },
+            ))
+        })
+}
+
 pub fn unix_ms_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -114,6 +142,35 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_last_master() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let mut l = Ledger::open(&p).unwrap();
+        for (event, pid, id) in [
+            ("started", 10, 1),
+            ("spawned", 11, 2),
+            ("leader", 11, 2),
+            ("exited", 12, 1),
+        ] {
+            let mut e = Event::new(event);
+            e.pid = Some(pid);
+            e.role = Some(Role::Communicator);
+            e.id = Some(id);
+            l.append(&e);
+        }
+        assert_eq!(
+            last_master(&p),
+            Some((
+                11,
+                SlotName {
+                    role: Role::Communicator,
+                    id: 2
+                }
+            ))
+        );
+    }
 
     #[test]
     fn formats_rfc3339() {

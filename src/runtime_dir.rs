@@ -247,7 +247,37 @@ impl LeaderLock {
         }
     }
 
-    /// Records the holder's pid in the file so that others can name the master.
+    /// Makes the lock survive our exec into a communicator (a daemon taking over when
+    /// every communicator is gone) and returns the fd number to hand over.
+    pub fn keep_across_exec(self) -> io::Result<i32> {
+        use std::os::fd::IntoRawFd;
+        let fd = self.file.into_raw_fd();
+        // SAFETY: clearing FD_CLOEXEC on an fd we own.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
+
+    /// Takes back a lock handed over across exec by `keep_across_exec`.
+    pub fn from_inherited(fd: i32) -> io::Result<LeaderLock> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: re-arming close-on-exec; then checking we really hold the lock (flock
+        // on the same open file description we hold succeeds at once).
+        unsafe {
+            if libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(LeaderLock {
+                file: File::from_raw_fd(fd),
+            })
+        }
+    }
+
+    /// Records the holder's pid (the whole content, so `kill $(cat leader.lock)` works).
     pub fn write_pid(&mut self, pid: u32) -> io::Result<()> {
         self.file.set_len(0)?;
         self.file.seek(SeekFrom::Start(0))?;

@@ -13,6 +13,10 @@ use crate::runtime_dir::RuntimeDir;
 /// Set on the first master only, by `nexus start`, so it can tell a fresh start from a
 /// takeover; removed from the environment of everything it spawns.
 pub const ENV_FRESH_START: &str = "NEXUS_FRESH_START";
+/// Set by a daemon that re-execs itself as communicator holding the leader lock: the fd
+/// number of that lock, and the slot it was before.
+pub const ENV_LEADER_FD: &str = "NEXUS_LEADER_FD";
+pub const ENV_TAKEOVER_FROM: &str = "NEXUS_TAKEOVER_FROM";
 
 /// Starts `exe daemon --role R --id N --runtime-dir DIR` with stdin from /dev/null and
 /// stdout/stderr appended to the slot's log. Returns the pid and a pidfd for it.
@@ -37,6 +41,8 @@ pub fn spawn_daemon(exe: &Path, slot: SlotName, dir: &RuntimeDir) -> io::Result<
         .stdout(log.try_clone()?)
         .stderr(log)
         .env_remove(ENV_FRESH_START)
+        .env_remove(ENV_LEADER_FD)
+        .env_remove(ENV_TAKEOVER_FROM)
         .current_dir("/")
         .spawn()?;
     let pid = child.id() as i32;

@@ -123,8 +123,20 @@ struct Communicator {
 
 pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     let fresh = std::env::var_os(spawn::ENV_FRESH_START).is_some();
-    // SAFETY: single-threaded at this point; removing our own marker variable.
-    unsafe { std::env::remove_var(spawn::ENV_FRESH_START) };
+    let inherited: Option<i32> = std::env::var(spawn::ENV_LEADER_FD)
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let took_over_from = std::env::var(spawn::ENV_TAKEOVER_FROM).ok();
+    // SAFETY: single-threaded at this point; removing our own marker variables.
+    unsafe {
+        std::env::remove_var(spawn::ENV_FRESH_START);
+        std::env::remove_var(spawn::ENV_LEADER_FD);
+        std::env::remove_var(spawn::ENV_TAKEOVER_FROM);
+    }
+    if inherited.is_some() {
+        // We were another daemon a moment ago: log as what we are now.
+        redirect_output(&ctx.dir.log_file(ctx.slot));
+    }
     raise_fd_limit();
 
     let poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
@@ -135,8 +147,13 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     let heart =
         Heartbeater::new(&ctx).map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
     let lock_path = ctx.dir.leader_lock();
-    let lock = LeaderLock::try_acquire(&lock_path)
-        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+    let lock = match inherited {
+        Some(fd) => Some(
+            LeaderLock::from_inherited(fd).map_err(|e| format!("inherited leader lock: {e}"))?,
+        ),
+        None => LeaderLock::try_acquire(&lock_path)
+            .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?,
+    };
     let mut comm = Communicator {
         poll,
         heart,
@@ -146,7 +163,7 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         ctx,
     };
     match lock {
-        Some(lock) => comm.become_master(lock, fresh)?,
+        Some(lock) => comm.become_master(lock, fresh, took_over_from)?,
         None if fresh => {
             let holder = LeaderLock::recorded_pid(&lock_path).unwrap_or(0);
             return Err(format!(
@@ -191,6 +208,19 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     }
 }
 
+fn redirect_output(log: &std::path::Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(log)
+    {
+        let _ = nix::unistd::dup2(f.as_raw_fd(), 1);
+        let _ = nix::unistd::dup2(f.as_raw_fd(), 2);
+    }
+}
+
 /// A master at scale holds two fds per daemon (pidfd, connection bursts); the default
 /// soft limit of 1024 is too low for a thousand workflows.
 fn raise_fd_limit() {
@@ -230,22 +260,31 @@ impl Communicator {
         match rx.try_recv() {
             Ok(Ok(lock)) => {
                 self.handover = None;
-                self.become_master(lock, false)
+                self.become_master(lock, false, None)
             }
             Ok(Err(e)) => Err(format!("waiting for the leader lock failed: {e}")),
             Err(_) => Ok(()),
         }
     }
 
-    fn become_master(&mut self, mut lock: LeaderLock, fresh: bool) -> Result<(), String> {
+    fn become_master(
+        &mut self,
+        mut lock: LeaderLock,
+        fresh: bool,
+        took_over_from: Option<String>,
+    ) -> Result<(), String> {
         let dir = &self.ctx.dir;
         if !fresh && dir.stopping_marker().exists() {
             log::info!("the cluster is being stopped: not taking over");
             std::process::exit(0);
         }
         let previous = LeaderLock::recorded_pid(&dir.leader_lock()).filter(|&p| p != self.ctx.pid);
+        let previous_slot = crate::ledger::last_master(&dir.events())
+            .filter(|&(pid, _)| Some(pid) == previous)
+            .map(|(_, slot)| slot);
         lock.write_pid(self.ctx.pid as u32)
             .map_err(|e| format!("cannot write leader.lock: {e}"))?;
+        let left_slot = took_over_from.as_deref().and_then(SlotName::parse);
 
         // The control socket first: it is what clients are waiting for.
         let path = dir.control_socket();
@@ -314,6 +353,8 @@ impl Communicator {
         if !fresh {
             ev.old_pid = previous;
             ev.cause = Some("failover".into());
+            ev.detail =
+                left_slot.map(|from| format!("every communicator was gone; taken over by {from}"));
         }
         m.ledger.append(&ev);
         log::info!(
@@ -338,15 +379,20 @@ impl Communicator {
                     continue;
                 }
                 if !fresh {
-                    // A takeover: the slot lost its process along with the old master.
-                    let was_master = role == Role::Communicator;
+                    // A takeover: this slot lost its process with the old master (the old
+                    // master's own slot, the slot we left to become master, or one that
+                    // died meanwhile and whose pid we cannot know).
+                    let name = m.slots[i].name;
+                    let (cause, old_pid) = if Some(name) == previous_slot {
+                        (Cause::Failover, previous.unwrap_or(0))
+                    } else if Some(name) == left_slot {
+                        (Cause::Failover, self.ctx.pid)
+                    } else {
+                        (Cause::Crash, 0)
+                    };
                     m.slots[i].pending = Some(Recovery {
-                        cause: if was_master {
-                            Cause::Failover
-                        } else {
-                            Cause::Crash
-                        },
-                        old_pid: if was_master { previous.unwrap_or(0) } else { 0 },
+                        cause,
+                        old_pid,
                         detected: now,
                         detect_ms: 0.0,
                     });

@@ -12,7 +12,10 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, UnixAddr, sockopt};
 
 use crate::config::SlotName;
-use crate::daemon::{DaemonCtx, Heartbeater, Rejections, Signals, poll_until, send_request};
+use crate::daemon::{
+    DaemonCtx, Heartbeater, MasterProbe, Rejections, Signals, act_on_probe, poll_until,
+    send_request,
+};
 use crate::protocol::{self, Age, Datagram, Request};
 
 const SIGNALS: Token = Token(0);
@@ -86,9 +89,12 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         .map_err(|e| format!("cannot poll: {e}"))?;
     log::info!("watchdog {} listening on {}", dog.ctx.slot, path.display());
 
+    let mut probe = MasterProbe::new(&dog.ctx);
     let mut events = Events::with_capacity(64);
     loop {
-        heart.tick(Instant::now());
+        if heart.tick(Instant::now()).is_some() && act_on_probe(&dog.ctx, &mut probe) {
+            return Ok(());
+        }
         let wake = heart.next_due().min(dog.next_check);
         poll_until(&mut poll, &mut events, wake)?;
         for event in events.iter() {

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use mio::{Events, Interest, Poll, Token};
 
-use crate::daemon::{DaemonCtx, Heartbeater, Signals, poll_until};
+use crate::daemon::{DaemonCtx, Heartbeater, MasterProbe, Signals, act_on_probe, poll_until};
 
 const SIGNALS: Token = Token(0);
 
@@ -17,10 +17,13 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         .map_err(|e| format!("cannot poll signals: {e}"))?;
     let mut heart =
         Heartbeater::new(&ctx).map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
+    let mut probe = MasterProbe::new(&ctx);
     let mut events = Events::with_capacity(8);
     log::info!("workflow {} running", ctx.slot);
     loop {
-        heart.tick(Instant::now());
+        if heart.tick(Instant::now()).is_some() && act_on_probe(&ctx, &mut probe) {
+            return Ok(());
+        }
         poll_until(&mut poll, &mut events, heart.next_due())?;
         if events.iter().any(|e| e.token() == SIGNALS) && signals.drain() {
             log::info!("terminating on signal");

@@ -1,0 +1,75 @@
+//! Every communicator dies: a surviving daemon takes the lock, re-execs itself as
+//! communicator and restores every slot. If none can, the rest exit: nothing runs
+//! unsupervised.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn a_survivor_takes_over_when_both_communicators_die() {
+    let c = Cluster::new(FAST);
+    c.start();
+    let comms: Vec<i32> = c
+        .daemons()
+        .iter()
+        .filter(|d| d.1 == "communicator")
+        .map(|d| d.0)
+        .collect();
+    assert_eq!(comms.len(), 2);
+    for &p in &comms {
+        signal(p, libc::SIGKILL);
+    }
+    // Whole again within one timeout (plus a generous margin for a loaded machine).
+    c.wait_whole(10, Duration::from_secs(10));
+    let master = c.master_pid();
+    assert!(!comms.contains(&master));
+    let leader: Vec<_> = c
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "leader")
+        .collect();
+    assert_eq!(leader.len(), 1, "{leader:?}");
+    assert!(
+        leader[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("taken over by"),
+        "{leader:?}"
+    );
+    // The survivor kept its pid: the slot it left was refilled, and it is now a communicator.
+    assert!(
+        c.daemons()
+            .iter()
+            .any(|d| d.0 == master && d.1 == "communicator")
+    );
+
+    // The new master works like any other.
+    let victim = c.pid_of("workflow", 2).unwrap();
+    signal(victim, libc::SIGKILL);
+    wait_until("workflow-2 replaced", Duration::from_secs(10), || {
+        c.pid_of("workflow", 2).is_some_and(|p| p != victim)
+    });
+    assert!(c.nexus(&["stop"]).status.success());
+    assert!(c.daemons().is_empty());
+}
+
+#[test]
+fn without_a_possible_takeover_the_rest_exit() {
+    let c = Cluster::new(FAST);
+    c.start_env(&[("NEXUS_FAULT", "no_takeover")]);
+    for p in c
+        .daemons()
+        .iter()
+        .filter(|d| d.1 == "communicator")
+        .map(|d| d.0)
+    {
+        signal(p, libc::SIGKILL);
+    }
+    // Two timeouts (1.2 s) without a master, then every daemon exits by itself.
+    wait_until("every daemon gone", Duration::from_secs(10), || {
+        c.daemons().is_empty()
+    });
+}
