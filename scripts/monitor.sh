@@ -5,7 +5,8 @@
 #   scripts/monitor.sh                            # the cluster in /tmp/nexus
 #   NEXUS_RUNTIME_DIR=/tmp/other scripts/monitor.sh
 #
-# Exit: 0 all good, 1 something is wrong, 3 nexus is not running in the directory.
+# Exit: 0 all good, 1 something is wrong, 3 nexus is not running in the directory (no
+# master answering and no daemon of the directory found).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,6 +29,7 @@ DIR=$(realpath -m -s -- "${NEXUS_RUNTIME_DIR:-/tmp/nexus}")
 # runtime dir is the last argument) so that /tmp/a does not match /tmp/ab.
 dir_re=$(printf '%s' "$DIR" | sed 's/[][\.*^$+?(){}|]/\\&/g')
 count_role() { pgrep -u "$EUID" -c -f -- "/nexus daemon --role $1 --id [0-9]+ --runtime-dir $dir_re\$" || true; }
+count_all() { count_role '(communicator|watchdog|workflow)'; }
 
 # A count from the running config, or the built-in default.
 config_count() { # KEY DEFAULT
@@ -45,13 +47,19 @@ bad() { ok=0; }
 rc=0
 "$bin" status --runtime-dir "$DIR" || rc=$?
 if ((rc == 3)); then
-    echo "FAIL: nexus is not running in $DIR"
-    exit 3
-fi
-echo
-if ((rc == 0)); then
+    n=$(count_all)
+    if ((n == 0)); then
+        echo "FAIL: nexus is not running in $DIR"
+        exit 3
+    fi
+    # Daemons without a master answering: a hung or dying master, not "not running".
+    echo "FAIL: the master does not answer on $DIR/control.sock, but $n daemons of $DIR are running"
+    bad
+elif ((rc == 0)); then
+    echo
     echo "PASS: nexus status: whole"
 else
+    echo
     echo "FAIL: nexus status exited $rc (degraded)"
     bad
 fi

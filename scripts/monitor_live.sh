@@ -17,6 +17,7 @@ if [[ ! -x "$bin" ]]; then
 fi
 
 DIR=$(realpath -m -s -- "${NEXUS_RUNTIME_DIR:-/tmp/nexus}")
+dir_re=$(printf '%s' "$DIR" | sed 's/[][\.*^$+?(){}|]/\\&/g')
 
 # `nexus status` gives up on the master after 2 s and on the watchdogs after 0.5 s;
 # 4 s (then SIGKILL 1 s later) is a hard ceiling in case anything else blocks.
@@ -26,7 +27,14 @@ rc=0
 bounded "$bin" status --runtime-dir "$DIR" 2>/dev/null || rc=$?
 case $rc in
     0 | 1) ;;
-    3) echo "nexus is not running in $DIR" ;;
+    3)
+        n=$(pgrep -u "$EUID" -c -f -- "/nexus daemon --role [a-z]+ --id [0-9]+ --runtime-dir $dir_re\$" || true)
+        if ((n > 0)); then
+            echo "the master does not answer in $DIR, but $n of its daemons are running"
+        else
+            echo "nexus is not running in $DIR"
+        fi
+        ;;
     124 | 137) echo "nexus status did not answer within 4 s in $DIR" ;;
     *) echo "nexus status failed (exit $rc) in $DIR" ;;
 esac

@@ -79,8 +79,11 @@ cleanup() {
             kill -KILL "$pid" 2>/dev/null || true
         done
     fi
+    # Our config file, also when the directory is the user's.
+    [[ -z "${cfg:-}" ]] || rm -f -- "$cfg"
     if ((made_dir)); then
-        if ((rc == 0)); then
+        # Kept when a check failed, for its logs; not on success or an interrupt.
+        if ((rc == 0 || rc == 130 || rc == 143)); then
             rm -rf -- "$DIR"
         else
             echo "runtime dir kept for inspection: $DIR (logs in $DIR/logs)" >&2

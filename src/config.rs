@@ -270,6 +270,12 @@ impl Config {
         Duration::from_millis(self.timeout_ms)
     }
 
+    /// A loop that wakes at least every interval but finds more than this elapsed was
+    /// itself stopped or starved: its own silence clocks are not evidence against others.
+    pub fn stall_threshold(&self) -> Duration {
+        Duration::from_millis(self.interval_ms + (self.timeout_ms - self.interval_ms) / 2)
+    }
+
     pub fn to_json(&self) -> String {
         // Serializing a struct of plain numbers and an optional path cannot fail.
         serde_json::to_string_pretty(self).expect("config serializes") + "\n"

@@ -323,7 +323,8 @@ pub fn take_over(ctx: &DaemonCtx, lock: LeaderLock) -> String {
         Err(e) => return format!("cannot keep the lock across exec: {e}"),
     };
     log::warn!("no master and no communicator left: taking over as communicator-{id}");
-    let err = std::process::Command::new(&ctx.exe)
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg0(&ctx.exe)
         .args([
             "daemon",
             "--role",

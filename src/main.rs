@@ -209,7 +209,12 @@ fn run_daemon(slot: SlotName, dir: RuntimeDir) -> i32 {
         return code;
     }
     let exe = match std::env::current_exe() {
-        Ok(p) => p,
+        // After a rebuild the link reads "<path> (deleted)": argv[0] must stay the path.
+        Ok(p) => PathBuf::from(
+            p.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_string(),
+        ),
         Err(e) => {
             log::error!("cannot find my own binary: {e}");
             return 1;

@@ -52,6 +52,8 @@ pub struct Age {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status {},
+    /// Is the master's loop alive? Asked by standbys each interval.
+    Ping {},
     /// `stop` begins: respawn nothing from now on, and say who is running.
     Stop {},
     /// A daemon has sent its first heartbeat and is serving.

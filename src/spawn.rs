@@ -4,6 +4,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -29,7 +30,11 @@ pub fn spawn_daemon(exe: &Path, slot: SlotName, dir: &RuntimeDir) -> io::Result<
         .append(true)
         .mode(0o600)
         .open(dir.log_file(slot))?;
-    let child = Command::new(exe)
+    // Exec'ing our own image through /proc/self/exe keeps respawns working while the
+    // binary is being rebuilt (the path may not exist for a moment) and keeps the whole
+    // cluster on one version; argv[0] still names the path, as users' pgrep expects.
+    let child = Command::new("/proc/self/exe")
+        .arg0(exe)
         .arg("daemon")
         .arg("--role")
         .arg(slot.role.as_str())

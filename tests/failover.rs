@@ -99,3 +99,31 @@ fn hung_daemon_is_still_replaced_after_failover() {
     });
     wait_until("old pid gone", Duration::from_secs(5), || gone(victim));
 }
+
+#[test]
+fn hung_master_is_killed_by_the_standby_and_replaced() {
+    let c = Cluster::new(FAST);
+    c.start();
+    let old = c.master_pid();
+    signal(old, libc::SIGSTOP);
+    wait_until(
+        "a new master after the hung one",
+        Duration::from_secs(15),
+        || c.master_pid() != old && masters(&c) == 1,
+    );
+    wait_until("old master gone", Duration::from_secs(5), || gone(old));
+    c.wait_whole(10, Duration::from_secs(10));
+    let killed: Vec<_> = c
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "killed" && e["pid"] == old)
+        .collect();
+    assert_eq!(killed.len(), 1, "{killed:?}");
+    assert_eq!(killed[0]["cause"], "hang");
+    wait_until("recovery recorded", Duration::from_secs(5), || {
+        !c.recoveries_of(old).is_empty()
+    });
+    let rec = c.recoveries_of(old);
+    assert_eq!(rec.len(), 1);
+    assert_eq!(rec[0]["cause"], "hang");
+}

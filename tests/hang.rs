@@ -119,3 +119,38 @@ fn a_daemon_that_never_heartbeats_is_replaced() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn two_hung_watchdogs_are_both_replaced() {
+    let c = Cluster::new(FAST);
+    c.start();
+    let w1 = c.pid_of("watchdog", 1).unwrap();
+    let w2 = c.pid_of("watchdog", 2).unwrap();
+    signal(w1, libc::SIGSTOP);
+    signal(w2, libc::SIGSTOP);
+    // Only watchdog-3 can testify; the two suspects must not block each other's kill.
+    wait_until(
+        "both hung watchdogs replaced",
+        Duration::from_secs(15),
+        || {
+            c.pid_of("watchdog", 1).is_some_and(|p| p != w1)
+                && c.pid_of("watchdog", 2).is_some_and(|p| p != w2)
+        },
+    );
+    c.wait_whole(10, Duration::from_secs(10));
+}
+
+#[test]
+fn a_deleted_heartbeat_socket_is_restored() {
+    let c = Cluster::new(FAST);
+    c.start();
+    let sock = c.path().join("heartbeat_3.sock");
+    let dog = c.pid_of("watchdog", 3).unwrap();
+    std::fs::remove_file(&sock).unwrap();
+    wait_until(
+        "watchdog-3 replaced with a fresh socket",
+        Duration::from_secs(10),
+        || c.pid_of("watchdog", 3).is_some_and(|p| p != dog) && sock.exists(),
+    );
+    c.wait_whole(10, Duration::from_secs(10));
+}

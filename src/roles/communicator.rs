@@ -25,6 +25,7 @@ use crate::daemon::{DaemonCtx, Heartbeater, Rejections, Signals, poll_until};
 use crate::ledger::{Event, Ledger, unix_ms_now};
 use crate::procscan;
 use crate::protocol::{self, Member, Request, Response, SlotState, StatusReport};
+use crate::roles::master_watch::{KilledMaster, MasterWatch};
 use crate::runtime_dir::LeaderLock;
 use crate::spawn;
 
@@ -82,7 +83,9 @@ struct Proc {
 struct Slot {
     name: SlotName,
     proc: Option<Proc>,
-    pending: Option<Recovery>,
+    /// Failures not yet recovered: usually one, more if a replacement died before it
+    /// was ready. The next ready process closes them all.
+    pending: Vec<Recovery>,
     restart_at: Option<Instant>,
     recent_restarts: VecDeque<Instant>,
     quick_failures: u32,
@@ -118,6 +121,9 @@ struct Communicator {
     heart: Heartbeater,
     master: Option<Master>,
     handover: Option<mpsc::Receiver<io::Result<LeaderLock>>>,
+    /// A standby's health check of the master.
+    watch: Option<MasterWatch>,
+    killed_master: Option<KilledMaster>,
     uid: u32,
 }
 
@@ -159,6 +165,8 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         heart,
         master: None,
         handover: None,
+        watch: None,
+        killed_master: None,
         uid: nix::unistd::geteuid().as_raw(),
         ctx,
     };
@@ -179,6 +187,12 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         let now = Instant::now();
         comm.heart.tick(now);
         let mut wake = comm.heart.next_due();
+        if let Some(w) = comm.watch.as_mut() {
+            if let Some(k) = w.tick(now) {
+                comm.killed_master = Some(k);
+            }
+            wake = wake.min(w.next_due());
+        }
         if let Some(m) = comm.master.as_mut() {
             m.run_due_restarts(&comm.ctx, &comm.poll, now);
             if let Some(t) = m.next_deadline() {
@@ -249,6 +263,7 @@ impl Communicator {
             })
             .map_err(|e| format!("cannot start the lock thread: {e}"))?;
         self.handover = Some(rx);
+        self.watch = Some(MasterWatch::new(&self.ctx));
         log::info!("standby: waiting for the leader lock");
         Ok(())
     }
@@ -260,6 +275,7 @@ impl Communicator {
         match rx.try_recv() {
             Ok(Ok(lock)) => {
                 self.handover = None;
+                self.watch = None;
                 self.become_master(lock, false, None)
             }
             Ok(Err(e)) => Err(format!("waiting for the leader lock failed: {e}")),
@@ -285,6 +301,17 @@ impl Communicator {
         lock.write_pid(self.ctx.pid as u32)
             .map_err(|e| format!("cannot write leader.lock: {e}"))?;
         let left_slot = took_over_from.as_deref().and_then(SlotName::parse);
+        // Did we kill the old master for not answering? Then its recovery is a hang's.
+        let hung = self
+            .killed_master
+            .take()
+            .filter(|k| Some(k.pid) == previous);
+        let previous_cause = if hung.is_some() {
+            Cause::Hang
+        } else {
+            Cause::Failover
+        };
+        let hung_ms = hung.map_or(0, |k| k.silent_ms);
 
         // The control socket first: it is what clients are waiting for.
         let path = dir.control_socket();
@@ -308,7 +335,7 @@ impl Communicator {
             .map(|name| Slot {
                 name,
                 proc: None,
-                pending: None,
+                pending: Vec::new(),
                 restart_at: None,
                 recent_restarts: VecDeque::new(),
                 quick_failures: 0,
@@ -356,6 +383,19 @@ impl Communicator {
             ev.detail =
                 left_slot.map(|from| format!("every communicator was gone; taken over by {from}"));
         }
+        if let (Some(k), Some(slot)) = (hung, previous_slot) {
+            let mut killed = Event::new("killed");
+            killed.role = Some(slot.role);
+            killed.id = Some(slot.id);
+            killed.pid = Some(k.pid);
+            killed.cause = Some("hang".into());
+            killed.detect_ms = Some(k.silent_ms as f64);
+            killed.detail = Some(format!(
+                "the master did not answer for {} ms; killed by a standby",
+                k.silent_ms
+            ));
+            m.ledger.append(&killed);
+        }
         m.ledger.append(&ev);
         log::info!(
             "master of {} (previous master: {previous:?})",
@@ -384,17 +424,22 @@ impl Communicator {
                     // died meanwhile and whose pid we cannot know).
                     let name = m.slots[i].name;
                     let (cause, old_pid) = if Some(name) == previous_slot {
-                        (Cause::Failover, previous.unwrap_or(0))
+                        (previous_cause, previous.unwrap_or(0))
                     } else if Some(name) == left_slot {
                         (Cause::Failover, self.ctx.pid)
                     } else {
                         (Cause::Crash, 0)
                     };
-                    m.slots[i].pending = Some(Recovery {
+                    let detect_ms = if cause == Cause::Hang {
+                        hung_ms as f64
+                    } else {
+                        0.0
+                    };
+                    m.slots[i].pending.push(Recovery {
                         cause,
                         old_pid,
                         detected: now,
-                        detect_ms: 0.0,
+                        detect_ms,
                     });
                 }
                 m.spawn_slot(&self.ctx, &self.poll, i);
@@ -592,7 +637,7 @@ impl Master {
         let name = slot.name;
         if !self.stopping {
             let delay = slot.plan_restart(ctx, now.duration_since(proc.started));
-            slot.pending = Some(recovery);
+            slot.pending.push(recovery);
             slot.last_cause = Some(recovery.cause);
             slot.restarts += 1;
             if delay.is_zero() {
@@ -754,6 +799,7 @@ impl Master {
     fn handle(&mut self, ctx: &DaemonCtx, peer: i32, req: Request) -> Response {
         match req {
             Request::Status {} => Response::Status(self.status(ctx)),
+            Request::Ping {} => Response::Ok {},
             Request::Stop {} => {
                 if !self.stopping {
                     self.stopping = true;
@@ -801,7 +847,7 @@ impl Master {
             };
         };
         proc.ready = true;
-        if let Some(rec) = slot.pending.take() {
+        for rec in std::mem::take(&mut slot.pending) {
             let mut ev = Event::new("respawned");
             ev.role = Some(name.role);
             ev.id = Some(name.id);
@@ -913,20 +959,21 @@ impl Master {
         Response::Ok {}
     }
 
-    /// Reports needed to kill `subject`: a majority of the watchdogs that are up, not
-    /// counting the subject itself.
+    /// Reports needed to kill `subject`: a majority of the watchdogs that can vote — up,
+    /// not the subject, and not themselves reported silent (two hung watchdogs must not
+    /// block each other's replacement).
     fn quorum(&self, subject: SlotName) -> usize {
-        let live = self
+        let voters = self
             .slots
             .iter()
             .filter(|s| s.name.role == Role::Watchdog && s.name != subject)
             .filter(|s| {
                 s.proc
                     .as_ref()
-                    .is_some_and(|p| p.ready && p.killing.is_none())
+                    .is_some_and(|p| p.ready && p.killing.is_none() && p.votes.is_empty())
             })
             .count();
-        live / 2 + 1
+        voters / 2 + 1
     }
 
     fn members(&self, ctx: &DaemonCtx) -> Vec<Member> {

@@ -1,5 +1,6 @@
 //! The three roles. Each is one event loop over its own sources.
 
 pub mod communicator;
+pub mod master_watch;
 pub mod watchdog;
 pub mod workflow;

@@ -42,6 +42,8 @@ struct Watchdog {
     /// Earliest `due` among all slots: the loop sleeps until then. Heartbeats only move
     /// a slot's `due` later, so this stays a safe lower bound without rescanning per beat.
     next_check: Instant,
+    /// When the loop last ran, to notice that we ourselves were stopped or starved.
+    last_wake: Instant,
     uid: u32,
 }
 
@@ -56,6 +58,7 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
     socket::setsockopt(&sock, sockopt::PassCred, &true)
         .map_err(|e| format!("cannot enable SO_PASSCRED: {e}"))?;
+    let bound_inode = socket_inode(&path);
 
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
     let mut signals = Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
@@ -80,6 +83,7 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         heard,
         rejected: Rejections::new(),
         next_check: now + timeout,
+        last_wake: now,
         uid: nix::unistd::geteuid().as_raw(),
         ctx,
     };
@@ -92,8 +96,18 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     let mut probe = MasterProbe::new(&dog.ctx);
     let mut events = Events::with_capacity(64);
     loop {
-        if heart.tick(Instant::now()).is_some() && act_on_probe(&dog.ctx, &mut probe) {
-            return Ok(());
+        if heart.tick(Instant::now()).is_some() {
+            if act_on_probe(&dog.ctx, &mut probe) {
+                return Ok(());
+            }
+            // Nobody can reach a socket whose file was removed or replaced: exit, and the
+            // master respawns us with a fresh one.
+            if socket_inode(&path) != bound_inode {
+                return Err(format!(
+                    "{} was removed or replaced; exiting to be respawned",
+                    path.display()
+                ));
+            }
         }
         let wake = heart.next_due().min(dog.next_check);
         poll_until(&mut poll, &mut events, wake)?;
@@ -108,10 +122,16 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
                 _ => {}
             }
         }
+        dog.notice_own_stall();
         if Instant::now() >= dog.next_check {
             dog.check_silence();
         }
     }
+}
+
+fn socket_inode(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
 }
 
 impl Watchdog {
@@ -232,6 +252,26 @@ impl Watchdog {
         if let Err(e) = self.sock.send_to(&reply, path) {
             log::debug!("cannot answer query: {e}");
         }
+    }
+
+    /// After a stall of our own (SIGSTOP, starvation) everyone looks silent to us; that
+    /// says nothing about them, so each slot gets a fresh timeout instead of a report.
+    fn notice_own_stall(&mut self) {
+        let now = Instant::now();
+        let gap = now.duration_since(self.last_wake);
+        self.last_wake = now;
+        if gap <= self.ctx.config.stall_threshold() {
+            return;
+        }
+        log::warn!(
+            "this watchdog was stalled for {} ms: restarting every silence clock",
+            gap.as_millis()
+        );
+        let due = now + self.ctx.config.timeout();
+        for h in &mut self.heard {
+            h.due = h.due.max(due);
+        }
+        self.next_check = self.next_check.max(due.min(self.next_check.max(now)));
     }
 
     fn check_silence(&mut self) {
