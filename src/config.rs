@@ -241,6 +241,10 @@ impl Config {
         }
     }
 
+    pub fn total(&self) -> usize {
+        (self.communicators + self.watchdogs + self.workflows) as usize
+    }
+
     /// Every slot of the cluster in a fixed order (communicators, watchdogs, workflows);
     /// `slot_index` maps a name back to its position.
     pub fn slots(&self) -> Vec<SlotName> {

@@ -139,12 +139,18 @@ impl Heartbeater {
             pid: self.pid,
             seq: self.seq,
         });
-        let delivered = self
-            .targets
-            .iter()
-            .filter(|t| self.sock.send_to(&msg, t).is_ok())
-            .count();
-        let heard = delivered > 0 || self.targets.is_empty();
+        let mut delivered = 0;
+        let mut busy = 0;
+        for t in &self.targets {
+            match self.sock.send_to(&msg, t) {
+                Ok(_) => delivered += 1,
+                // A full queue: that watchdog is bound but not reading (hung). It will be
+                // replaced; meanwhile it proves a watchdog socket is there.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => busy += 1,
+                Err(_) => {}
+            }
+        }
+        let heard = delivered + busy > 0 || self.targets.is_empty();
         if heard && !self.ready_told {
             self.ready_told = send_request(
                 &self.control,

@@ -10,6 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use std::collections::{HashMap, HashSet};
+
 use crate::config::{Role, SlotName};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -100,6 +102,76 @@ pub fn last_master(path: &Path) -> Option<(i32, SlotName)> {
         })
 }
 
+/// What a new master needs from its predecessors' ledger: the last pid each slot had,
+/// and the failures nobody recorded a recovery for (the old master died first).
+#[derive(Debug, Default)]
+pub struct History {
+    pub last_pid: HashMap<SlotName, i32>,
+    /// (slot, failed pid, cause), oldest first.
+    pub unclosed: Vec<(SlotName, i32, String)>,
+}
+
+impl History {
+    /// Reads the ledger's tail since the last cluster start.
+    pub fn read(path: &Path) -> History {
+        let mut h = History::default();
+        let Some(text) = tail(path, 1 << 20) else {
+            return h;
+        };
+        let mut failures: Vec<(SlotName, i32, String)> = Vec::new();
+        let mut closed: HashSet<i32> = HashSet::new();
+        for ev in text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Event>(l).ok())
+        {
+            let slot = match (ev.role, ev.id) {
+                (Some(role), Some(id)) => Some(SlotName { role, id }),
+                _ => None,
+            };
+            match (ev.event.as_str(), slot, ev.pid) {
+                ("started", ..) => {
+                    h = History::default();
+                    failures.clear();
+                    closed.clear();
+                    if let (Some(s), Some(p)) = (slot, ev.pid) {
+                        h.last_pid.insert(s, p);
+                    }
+                }
+                ("spawned" | "leader", Some(s), Some(p)) => {
+                    h.last_pid.insert(s, p);
+                }
+                ("respawned", Some(s), Some(p)) => {
+                    h.last_pid.insert(s, p);
+                    closed.extend(ev.old_pid);
+                }
+                ("exited", Some(s), Some(p)) if ev.cause.is_some() => {
+                    failures.push((s, p, ev.cause.clone().unwrap_or_default()));
+                }
+                ("killed", Some(s), Some(p)) => failures.push((s, p, "hang".into())),
+                _ => {}
+            }
+        }
+        let mut seen = HashSet::new();
+        h.unclosed = failures
+            .into_iter()
+            .filter(|(_, pid, _)| !closed.contains(pid) && seen.insert(*pid))
+            .collect();
+        h
+    }
+}
+
+fn tail(path: &Path, max: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max))).ok()?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    // A cut first line is not JSON and is skipped by the callers' parsers.
+    Some(text)
+}
+
 pub fn unix_ms_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -123,6 +195,28 @@ pub fn rfc3339(unix_ms: u64) -> String {
         rem % 60,
         unix_ms % 1000
     )
+}
+
+/// The inverse of `rfc3339` (only the `...Z` form we write).
+pub fn parse_rfc3339(ts: &str) -> Option<u64> {
+    let b = ts.as_bytes();
+    if b.len() != 24 || b[10] != b'T' || b[23] != b'Z' {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| ts.get(r)?.parse::<i64>().ok();
+    let days = days_from_civil(n(0..4)?, n(5..7)?, n(8..10)?);
+    let secs = days * 86_400 + n(11..13)? * 3600 + n(14..16)? * 60 + n(17..19)?;
+    u64::try_from(secs * 1000 + n(20..23)?).ok()
+}
+
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Howard Hinnant's days-to-civil conversion.
@@ -173,9 +267,65 @@ mod tests {
     }
 
     #[test]
+    fn history_finds_unclosed_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let mut l = Ledger::open(&p).unwrap();
+        let w = |id| (Some(Role::Workflow), Some(id));
+        let mut put = |event: &str,
+                       (role, id): (Option<Role>, Option<u32>),
+                       pid: i32,
+                       old: Option<i32>,
+                       cause: Option<&str>| {
+            let mut e = Event::new(event);
+            (e.role, e.id, e.pid, e.old_pid, e.cause) =
+                (role, id, Some(pid), old, cause.map(str::to_string));
+            l.append(&e);
+        };
+        put(
+            "started",
+            (Some(Role::Communicator), Some(1)),
+            1,
+            None,
+            None,
+        );
+        put("spawned", w(1), 10, None, None);
+        put("spawned", w(2), 20, None, None);
+        put("exited", w(1), 10, None, Some("crash"));
+        put("spawned", w(1), 11, None, None);
+        put("respawned", w(1), 11, Some(10), Some("crash"));
+        put("killed", w(2), 20, None, Some("hang"));
+        put("exited", w(2), 20, None, Some("hang"));
+        put("spawned", w(2), 21, None, None);
+        let h = History::read(&p);
+        assert_eq!(
+            h.last_pid[&SlotName {
+                role: Role::Workflow,
+                id: 2
+            }],
+            21
+        );
+        assert_eq!(
+            h.unclosed,
+            vec![(
+                SlotName {
+                    role: Role::Workflow,
+                    id: 2
+                },
+                20,
+                "hang".to_string()
+            )]
+        );
+    }
+
+    #[test]
     fn formats_rfc3339() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1_795_338_140_123), "2026-11-22T09:02:20.123Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        for ms in [0, 951_782_400_000, 1_795_338_140_123, 4_102_444_799_999] {
+            assert_eq!(parse_rfc3339(&rfc3339(ms)), Some(ms));
+        }
+        assert_eq!(parse_rfc3339("yesterday"), None);
     }
 }

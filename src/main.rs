@@ -28,6 +28,9 @@ Usage:
   nexus stop    [--runtime-dir DIR]                   stop it: workflows, watchdogs, standbys, master
   nexus status  [--json] [--runtime-dir DIR]          one row per daemon (exit 0 whole, 1 degraded, 3 not running)
   nexus events  [-n N] [--json] [--follow]            the event ledger (last 20 by default)
+  nexus chaos   [--duration S] [--interval S] [--roles R,R] [--signal kill|stop|mixed]
+                                                      kill random daemons, then check every failure
+                                                      was recovered exactly once (exit 1 if not)
   nexus help config                                   every config key
   nexus daemon --role ROLE --id N --runtime-dir DIR   (internal: how the master starts each daemon)
 
@@ -97,6 +100,10 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
     let mut follow = false;
     let mut last = 20usize;
     let mut role = None;
+    let mut duration = 60.0f64;
+    let mut interval = 2.0f64;
+    let mut roles = Role::ALL.to_vec();
+    let mut signal = commands::chaos::SignalMode::Kill;
     let mut id = None;
     let mut positional = Vec::new();
     let mut it = Args { rest: rest.iter() };
@@ -113,6 +120,30 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
                     .map_err(|_| Failure::Usage("-n takes a number".into()))?
             }
             "--role" => role = Some(it.value(arg)?.to_string()),
+            "--duration" => duration = seconds(arg, it.value(arg)?)?,
+            "--interval" => interval = seconds(arg, it.value(arg)?)?,
+            "--roles" => {
+                roles = it
+                    .value(arg)?
+                    .split(',')
+                    .map(|r| {
+                        Role::parse(r.trim())
+                            .ok_or_else(|| Failure::Usage(format!("unknown role `{r}` in --roles")))
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            "--signal" => {
+                signal = match it.value(arg)? {
+                    "kill" => commands::chaos::SignalMode::Kill,
+                    "stop" => commands::chaos::SignalMode::Stop,
+                    "mixed" => commands::chaos::SignalMode::Mixed,
+                    s => {
+                        return Err(Failure::Usage(format!(
+                            "--signal takes kill, stop or mixed, not `{s}`"
+                        )));
+                    }
+                }
+            }
             "--id" => id = Some(it.value(arg)?.to_string()),
             "-h" | "--help" => {
                 print!("{USAGE}");
@@ -150,6 +181,16 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
             commands::events::run(&common, &commands::events::Options { last, json, follow })?;
             Ok(0)
         }
+        "chaos" => {
+            no_positional(&positional)?;
+            let opts = commands::chaos::Options {
+                duration: std::time::Duration::from_secs_f64(duration),
+                interval: std::time::Duration::from_secs_f64(interval),
+                roles,
+                signal,
+            };
+            Ok(commands::chaos::run(&common, &opts)?)
+        }
         "daemon" => {
             // Daemons keep Rust's ignored SIGPIPE: a vanished peer is an error to handle.
             let role = role.ok_or_else(|| Failure::Usage("daemon needs --role".into()))?;
@@ -185,6 +226,15 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
             Ok(0)
         }
         other => Err(Failure::Usage(format!("unknown command `{other}`"))),
+    }
+}
+
+fn seconds(flag: &str, v: &str) -> Result<f64, Failure> {
+    match v.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(s),
+        _ => Err(Failure::Usage(format!(
+            "{flag} takes seconds between 0 and 86400, not `{v}`"
+        ))),
     }
 }
 

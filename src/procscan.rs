@@ -92,6 +92,11 @@ fn stat_fields(pid: i32) -> Option<Vec<String>> {
     Some(after.split_whitespace().map(str::to_string).collect())
 }
 
+/// Single-letter process state (R, S, T for stopped, Z for zombie); None if gone.
+pub fn state(pid: i32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
 /// Resident set size in KiB (VmRSS of /proc/PID/status).
 pub fn rss_kib(pid: i32) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

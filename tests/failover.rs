@@ -127,3 +127,26 @@ fn hung_master_is_killed_by_the_standby_and_replaced() {
     assert_eq!(rec.len(), 1);
     assert_eq!(rec[0]["cause"], "hang");
 }
+
+#[test]
+fn hung_master_and_hung_standby_are_both_replaced() {
+    let c = Cluster::new(FAST);
+    c.start();
+    let comms: Vec<i32> = c
+        .daemons()
+        .iter()
+        .filter(|d| d.1 == "communicator")
+        .map(|d| d.0)
+        .collect();
+    for &p in &comms {
+        signal(p, libc::SIGSTOP);
+    }
+    // The watchdogs kill the master after two timeouts; a probing daemon takes over and
+    // has the hung standby killed like any hung daemon.
+    wait_until(
+        "both hung communicators replaced",
+        Duration::from_secs(20),
+        || comms.iter().all(|&p| gone(p)) && c.count("communicator") == 2,
+    );
+    c.wait_whole(10, Duration::from_secs(10));
+}

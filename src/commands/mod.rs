@@ -1,5 +1,6 @@
 //! The user-facing subcommands.
 
+pub mod chaos;
 pub mod events;
 pub mod start;
 pub mod status;

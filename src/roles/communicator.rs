@@ -301,6 +301,8 @@ impl Communicator {
         lock.write_pid(self.ctx.pid as u32)
             .map_err(|e| format!("cannot write leader.lock: {e}"))?;
         let left_slot = took_over_from.as_deref().and_then(SlotName::parse);
+        // Read before we write anything to it ourselves.
+        let history = crate::ledger::History::read(&dir.events());
         // Did we kill the old master for not answering? Then its recovery is a hang's.
         let hung = self
             .killed_master
@@ -402,47 +404,24 @@ impl Communicator {
             dir.display()
         );
 
+        if !fresh {
+            let takeover = Takeover {
+                previous,
+                previous_slot,
+                previous_cause,
+                hung_ms,
+                left_slot,
+                me: self.ctx.slot,
+                my_pid: self.ctx.pid,
+            };
+            m.reconcile(&self.ctx, &takeover, &history);
+        }
         // Watchdogs first, so the others find their sockets when they first beat.
-        let now = Instant::now();
-        let order = Role::ALL.map(|r| {
-            if r == Role::Communicator {
-                Role::Watchdog
-            } else if r == Role::Watchdog {
-                Role::Communicator
-            } else {
-                r
-            }
-        });
-        for role in order {
+        for role in [Role::Watchdog, Role::Communicator, Role::Workflow] {
             for i in 0..m.slots.len() {
-                if m.slots[i].name.role != role || m.slots[i].proc.is_some() {
-                    continue;
+                if m.slots[i].name.role == role && m.slots[i].proc.is_none() {
+                    m.spawn_slot(&self.ctx, &self.poll, i);
                 }
-                if !fresh {
-                    // A takeover: this slot lost its process with the old master (the old
-                    // master's own slot, the slot we left to become master, or one that
-                    // died meanwhile and whose pid we cannot know).
-                    let name = m.slots[i].name;
-                    let (cause, old_pid) = if Some(name) == previous_slot {
-                        (previous_cause, previous.unwrap_or(0))
-                    } else if Some(name) == left_slot {
-                        (Cause::Failover, self.ctx.pid)
-                    } else {
-                        (Cause::Crash, 0)
-                    };
-                    let detect_ms = if cause == Cause::Hang {
-                        hung_ms as f64
-                    } else {
-                        0.0
-                    };
-                    m.slots[i].pending.push(Recovery {
-                        cause,
-                        old_pid,
-                        detected: now,
-                        detect_ms,
-                    });
-                }
-                m.spawn_slot(&self.ctx, &self.poll, i);
             }
         }
         self.master = Some(m);
@@ -464,7 +443,94 @@ impl Communicator {
     }
 }
 
+/// What a new master knows about how it came to be one.
+struct Takeover {
+    previous: Option<i32>,
+    previous_slot: Option<SlotName>,
+    previous_cause: Cause,
+    hung_ms: u64,
+    left_slot: Option<SlotName>,
+    me: SlotName,
+    my_pid: i32,
+}
+
 impl Master {
+    /// After a takeover, picks up the failures the old master could not finish: each
+    /// becomes a pending recovery of its slot (closed when the replacement is ready), or is
+    /// closed at once where a live process already fills the slot. An empty slot whose
+    /// last known pid is dead is a failure too, so that no loss goes unrecorded.
+    fn reconcile(&mut self, ctx: &DaemonCtx, t: &Takeover, history: &crate::ledger::History) {
+        let now = Instant::now();
+        let open = |cause: Cause, old_pid: i32, detect_ms: f64| Recovery {
+            cause,
+            old_pid,
+            detected: now,
+            detect_ms,
+        };
+        for i in 0..self.slots.len() {
+            let name = self.slots[i].name;
+            let mut failures: Vec<Recovery> = history
+                .unclosed
+                .iter()
+                .filter(|(slot, ..)| *slot == name)
+                .map(|(_, pid, cause)| {
+                    let cause = match cause.as_str() {
+                        "hang" => Cause::Hang,
+                        "failover" => Cause::Failover,
+                        _ => Cause::Crash,
+                    };
+                    open(cause, *pid, 0.0)
+                })
+                .collect();
+            let current = self.slots[i].proc.as_ref().map(|p| p.pid);
+            let known = |pid: i32, f: &[Recovery]| f.iter().any(|r| r.old_pid == pid);
+            if Some(name) == t.previous_slot
+                && let Some(prev) = t.previous
+                && !known(prev, &failures)
+            {
+                let detect = if t.previous_cause == Cause::Hang {
+                    t.hung_ms as f64
+                } else {
+                    0.0
+                };
+                failures.push(open(t.previous_cause, prev, detect));
+            }
+            if Some(name) == t.left_slot && !known(t.my_pid, &failures) {
+                failures.push(open(Cause::Failover, t.my_pid, 0.0));
+            }
+            if let Some(&last) = history.last_pid.get(&name)
+                && Some(last) != current
+                && last != t.my_pid
+                && !known(last, &failures)
+                && procscan::daemon_slot(last, ctx.dir.path()) != Some(name)
+            {
+                failures.push(open(Cause::Crash, last, 0.0));
+            }
+            failures.retain(|r| Some(r.old_pid) != current);
+            if current.is_some() {
+                // A live process already fills the slot (adopted, or ourselves): these
+                // failures were recovered before the old master could record it.
+                let pid = current.unwrap_or(0);
+                for r in failures {
+                    let mut ev = Event::new("respawned");
+                    ev.role = Some(name.role);
+                    ev.id = Some(name.id);
+                    ev.pid = Some(pid);
+                    ev.old_pid = Some(r.old_pid);
+                    ev.cause = Some(r.cause.as_str().into());
+                    ev.detail = Some(if name == t.me {
+                        "filled by the new master itself".into()
+                    } else {
+                        "replacement adopted by a new master".into()
+                    });
+                    self.ledger.append(&ev);
+                }
+            } else {
+                self.slots[i].pending = failures;
+            }
+        }
+    }
+
     /// Takes over every running daemon of the directory: one pidfd each, so their exits
     /// wake us exactly like our own children's. Duplicates and strangers are killed.
     fn adopt(&mut self, ctx: &DaemonCtx, poll: &Poll) {

@@ -1,0 +1,376 @@
+//! `nexus chaos`: kill random daemons of a running cluster — every role, the master too —
+//! then check from the ledger that every failure was recovered exactly once, that the
+//! cluster is whole, and that no process of the directory is orphaned or duplicated.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use super::Common;
+use crate::client;
+use crate::config::{Config, Role, SlotName};
+use crate::ledger::{self, Event};
+use crate::procscan;
+use crate::protocol::{Request, Response, SlotState};
+use crate::runtime_dir::RuntimeDir;
+use crate::spawn;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalMode {
+    Kill,
+    Stop,
+    Mixed,
+}
+
+pub struct Options {
+    pub duration: Duration,
+    pub interval: Duration,
+    pub roles: Vec<Role>,
+    pub signal: SignalMode,
+}
+
+struct Kill {
+    slot: SlotName,
+    pid: i32,
+    stop: bool,
+    at_ms: u64,
+    offset: Duration,
+}
+
+pub fn run(common: &Common, opts: &Options) -> Result<i32, String> {
+    let dir = common.runtime_dir()?;
+    let cfg = Config::load(&dir.config_file()).map_err(|_| {
+        format!(
+            "nexus is not running in {} (no config.json there)",
+            dir.display()
+        )
+    })?;
+    let settle = Duration::from_millis(cfg.start_timeout_ms);
+    if let Err(why) = wait_whole(&dir, &cfg, settle) {
+        return Err(format!(
+            "the cluster in {} is not whole before chaos starts: {why}",
+            dir.display()
+        ));
+    }
+    let ledger_start = std::fs::metadata(dir.events())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let roles: Vec<&str> = opts.roles.iter().map(|r| r.as_str()).collect();
+    println!(
+        "chaos in {}: {} every {:.1} s for {:.0} s, roles {}",
+        dir.display(),
+        match opts.signal {
+            SignalMode::Kill => "SIGKILL",
+            SignalMode::Stop => "SIGSTOP",
+            SignalMode::Mixed => "SIGKILL or SIGSTOP",
+        },
+        opts.interval.as_secs_f64(),
+        opts.duration.as_secs_f64(),
+        roles.join(",")
+    );
+
+    let mut rng = Rng::seeded();
+    let mut kills: Vec<Kill> = Vec::new();
+    let t0 = Instant::now();
+    let rounds = (opts.duration.as_millis() / opts.interval.as_millis().max(1)) as usize + 1;
+    for round in 0..rounds {
+        let at = t0 + opts.interval * round as u32;
+        if at >= t0 + opts.duration {
+            break;
+        }
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        let max_hangs = (cfg.watchdogs as usize).saturating_sub(1).max(1);
+        if let Some(k) = strike(&dir, opts, max_hangs, &kills, &mut rng, t0) {
+            println!(
+                "  +{:6.2}s  {:<7} {} pid {}",
+                k.offset.as_secs_f64(),
+                if k.stop { "SIGSTOP" } else { "SIGKILL" },
+                k.slot,
+                k.pid
+            );
+            kills.push(k);
+        }
+    }
+
+    // Every stopped daemon needs its timeout (two, for a master whose standby is hung)
+    // before it can be replaced; allow that plus the start time.
+    let deadline = Instant::now() + 3 * cfg.timeout() + settle;
+    let mut verdict = check(&dir, &cfg, &kills, ledger_start);
+    for _ in 0..100_000 {
+        if verdict.violations.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        verdict = check(&dir, &cfg, &kills, ledger_start);
+    }
+    report(&kills, &verdict);
+    Ok(if verdict.violations.is_empty() { 0 } else { 1 })
+}
+
+/// Picks a victim and signals it. Chaos stays inside the fault model the design answers:
+/// any number of crashes, but at most `watchdogs - 1` hangs not yet recovered (a further
+/// SIGSTOP becomes a SIGKILL), so that some watchdog can always testify. That still
+/// allows two hung watchdogs at once, or a hung master with a hung standby.
+fn strike(
+    dir: &RuntimeDir,
+    opts: &Options,
+    max_hangs: usize,
+    kills: &[Kill],
+    rng: &mut Rng,
+    t0: Instant,
+) -> Option<Kill> {
+    let stopped: Vec<i32> = kills
+        .iter()
+        .filter(|k| k.stop && !gone(k.pid))
+        .map(|k| k.pid)
+        .collect();
+    let candidates: Vec<procscan::Found> = procscan::daemons_of(dir.path())
+        .into_iter()
+        .filter(|f| opts.roles.contains(&f.slot.role) && !stopped.contains(&f.pid))
+        .collect();
+    if candidates.is_empty() {
+        return None;
+    }
+    let victim = candidates[rng.below(candidates.len())];
+    let mut stop = match opts.signal {
+        SignalMode::Kill => false,
+        SignalMode::Stop => true,
+        SignalMode::Mixed => rng.below(2) == 1,
+    };
+    if stop && stopped.len() >= max_hangs {
+        stop = false;
+    }
+    let fd = spawn::pidfd_open(victim.pid).ok()?;
+    // The pid might have been replaced between the scan and the open.
+    if procscan::daemon_slot(victim.pid, dir.path()) != Some(victim.slot) {
+        return None;
+    }
+    let at_ms = ledger::unix_ms_now();
+    spawn::pidfd_signal(&fd, if stop { libc::SIGSTOP } else { libc::SIGKILL }).ok()?;
+    Some(Kill {
+        slot: victim.slot,
+        pid: victim.pid,
+        stop,
+        at_ms,
+        offset: t0.elapsed(),
+    })
+}
+
+struct Verdict {
+    violations: Vec<String>,
+    /// Per kill: its replacement's ready event, if any.
+    recovered: Vec<Option<Event>>,
+    daemons: usize,
+}
+
+fn check(dir: &RuntimeDir, cfg: &Config, kills: &[Kill], ledger_start: u64) -> Verdict {
+    let events = events_since(dir, ledger_start);
+    // Keyed by slot and pid: one process can fail in two slots (a daemon that took over
+    // as communicator leaves its own slot, then may die as communicator).
+    let mut by_old: HashMap<(SlotName, i32), Vec<&Event>> = HashMap::new();
+    for e in events.iter().filter(|e| e.event == "respawned") {
+        if let (Some(old), Some(role), Some(id)) = (e.old_pid.filter(|&p| p > 0), e.role, e.id) {
+            by_old
+                .entry((SlotName { role, id }, old))
+                .or_default()
+                .push(e);
+        }
+    }
+    let mut violations = Vec::new();
+    let mut recovered = Vec::new();
+    for k in kills {
+        let recs = by_old.get(&(k.slot, k.pid)).map_or(&[][..], Vec::as_slice);
+        match recs.len() {
+            0 => violations.push(format!(
+                "{} pid {} (+{:.2}s) not recovered",
+                k.slot,
+                k.pid,
+                k.offset.as_secs_f64()
+            )),
+            1 => {}
+            n => violations.push(format!("{} pid {} recovered {n} times", k.slot, k.pid)),
+        }
+        recovered.push(recs.first().map(|e| (*e).clone()));
+        if !gone(k.pid) {
+            violations.push(format!(
+                "{} pid {} is still running after its replacement",
+                k.slot, k.pid
+            ));
+        }
+    }
+    for ((slot, old), recs) in &by_old {
+        if recs.len() > 1 && !kills.iter().any(|k| k.pid == *old && k.slot == *slot) {
+            violations.push(format!("{slot} pid {old} recovered {} times", recs.len()));
+        }
+    }
+    let found = procscan::daemons_of(dir.path());
+    let mut per_slot: BTreeMap<SlotName, Vec<i32>> = BTreeMap::new();
+    for f in &found {
+        per_slot.entry(f.slot).or_default().push(f.pid);
+    }
+    for (slot, pids) in &per_slot {
+        if pids.len() > 1 {
+            violations.push(format!("{slot} is duplicated: pids {pids:?}"));
+        }
+    }
+    for slot in cfg.slots() {
+        if !per_slot.contains_key(&slot) {
+            violations.push(format!("{slot} has no process"));
+        }
+    }
+    match client::request(
+        &dir.control_socket(),
+        &Request::Status {},
+        Duration::from_secs(2),
+    ) {
+        Ok(Response::Status(r)) => {
+            for m in r.members.iter().filter(|m| m.state != SlotState::Running) {
+                violations.push(format!("{} is {:?}", m.slot(), m.state));
+            }
+            let known: Vec<i32> = r.members.iter().map(|m| m.pid).collect();
+            for f in found.iter().filter(|f| !known.contains(&f.pid)) {
+                violations.push(format!(
+                    "{} pid {} runs but the master does not know it (orphan)",
+                    f.slot, f.pid
+                ));
+            }
+        }
+        Ok(other) => violations.push(format!("unexpected status answer {other:?}")),
+        Err(e) => violations.push(format!("no master answers: {e}")),
+    }
+    Verdict {
+        violations,
+        recovered,
+        daemons: found.len(),
+    }
+}
+
+fn report(kills: &[Kill], v: &Verdict) {
+    let n_kill = kills.iter().filter(|k| !k.stop).count();
+    println!(
+        "\n{} failures injected ({} SIGKILL, {} SIGSTOP); {} daemons running at the end",
+        kills.len(),
+        n_kill,
+        kills.len() - n_kill,
+        v.daemons
+    );
+    let mut by_role: BTreeMap<Role, usize> = BTreeMap::new();
+    for k in kills {
+        *by_role.entry(k.slot.role).or_default() += 1;
+    }
+    let roles: Vec<String> = by_role.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    println!("by role: {}", roles.join(", "));
+    for (label, stop) in [("SIGKILL", false), ("SIGSTOP", true)] {
+        let mut to_ready: Vec<f64> = Vec::new();
+        let mut recover: Vec<f64> = Vec::new();
+        for (k, rec) in kills.iter().zip(&v.recovered) {
+            let Some(e) = rec.as_ref().filter(|_| k.stop == stop) else {
+                continue;
+            };
+            if let Some(ts) = ledger::parse_rfc3339(&e.ts) {
+                to_ready.push(ts.saturating_sub(k.at_ms) as f64);
+            }
+            if let Some(r) = e.recover_ms {
+                recover.push(r);
+            }
+        }
+        if !to_ready.is_empty() {
+            println!(
+                "{label}: signal -> replacement ready (ms): {}",
+                summary(&mut to_ready)
+            );
+            println!(
+                "{label}: detection -> replacement ready, from the ledger (ms): {}",
+                summary(&mut recover)
+            );
+        }
+    }
+    if v.violations.is_empty() {
+        println!(
+            "PASS: every failure recovered exactly once; cluster whole; no orphan, no duplicate"
+        );
+    } else {
+        println!("FAIL: {} violations", v.violations.len());
+        for line in &v.violations {
+            println!("  - {line}");
+        }
+    }
+}
+
+/// `n=12 median 2.1 p99 8.0 max 8.0`.
+pub fn summary(xs: &mut [f64]) -> String {
+    if xs.is_empty() {
+        return "n=0".into();
+    }
+    xs.sort_by(f64::total_cmp);
+    let q = |p: f64| xs[((xs.len() as f64 * p).ceil() as usize).clamp(1, xs.len()) - 1];
+    format!(
+        "n={} median {:.1} p99 {:.1} max {:.1}",
+        xs.len(),
+        q(0.5),
+        q(0.99),
+        xs[xs.len() - 1]
+    )
+}
+
+fn events_since(dir: &RuntimeDir, offset: u64) -> Vec<Event> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(dir.events()) else {
+        return Vec::new();
+    };
+    let mut text = String::new();
+    if f.seek(SeekFrom::Start(offset)).is_err() || f.read_to_string(&mut text).is_err() {
+        return Vec::new();
+    }
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn wait_whole(dir: &RuntimeDir, cfg: &Config, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let mut why = String::new();
+    for _ in 0..100_000 {
+        match client::request(
+            &dir.control_socket(),
+            &Request::Status {},
+            Duration::from_secs(2),
+        ) {
+            Ok(Response::Status(r)) if r.members.iter().all(|m| m.state == SlotState::Running) => {
+                if procscan::daemons_of(dir.path()).len() == cfg.total() {
+                    return Ok(());
+                }
+                why = "extra or missing processes".into();
+            }
+            Ok(_) => why = "some daemons are not running".into(),
+            Err(e) => why = e,
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(why)
+}
+
+fn gone(pid: i32) -> bool {
+    !matches!(procscan::state(pid), Some(s) if s != 'Z')
+}
+
+/// xorshift64*: victims need to be unpredictable, not cryptographic.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> Rng {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Rng((t ^ (u64::from(std::process::id()) << 32)) | 1)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n.max(1)
+    }
+}
