@@ -241,6 +241,9 @@ fn seconds(flag: &str, v: &str) -> Result<f64, Failure> {
 /// A daemon's life: private umask, its log, its config from the runtime directory, then
 /// its role's event loop. Returns the exit code.
 fn run_daemon(slot: SlotName, dir: RuntimeDir) -> i32 {
+    // We are exec'd through /proc/self/exe, which names the process "exe" in ps and top.
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"nexus".as_ptr()) };
     // Sockets and files we create are ours alone.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     daemon::init_logging(&slot.to_string());

@@ -242,3 +242,94 @@ mod tests {
         assert!(decode::<Datagram>(truncated, MAX_DATAGRAM).is_err());
     }
 }
+
+/// Fuzzing the decoders: whatever arrives on a socket, decoding returns a value or an
+/// error, never panics, and never accepts more than the size bound.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const CASES: u32 = 20_000;
+
+    fn role() -> impl Strategy<Value = Role> {
+        prop_oneof![
+            Just(Role::Communicator),
+            Just(Role::Watchdog),
+            Just(Role::Workflow)
+        ]
+    }
+
+    fn datagram() -> impl Strategy<Value = Datagram> {
+        prop_oneof![
+            (role(), any::<u32>(), any::<i32>(), any::<u64>())
+                .prop_map(|(role, id, pid, seq)| Datagram::Heartbeat { role, id, pid, seq }),
+            Just(Datagram::Query {}),
+        ]
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            Just(Request::Status {}),
+            Just(Request::Ping {}),
+            Just(Request::Stop {}),
+            (role(), any::<u32>(), any::<i32>()).prop_map(|(role, id, pid)| Request::Ready {
+                role,
+                id,
+                pid
+            }),
+            (
+                any::<u32>(),
+                role(),
+                any::<u32>(),
+                any::<i32>(),
+                any::<u64>()
+            )
+                .prop_map(|(reporter, role, id, pid, silent_ms)| Request::Silent {
+                    reporter,
+                    role,
+                    id,
+                    pid,
+                    silent_ms
+                }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: CASES, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
+            let d = decode::<Datagram>(&bytes, MAX_DATAGRAM);
+            if bytes.len() > MAX_DATAGRAM {
+                prop_assert_eq!(d, Err(DecodeError::TooLarge(bytes.len())));
+            }
+            let _ = decode::<Request>(&bytes, MAX_REQUEST);
+            let _ = decode::<Response>(&bytes, MAX_REPLY);
+        }
+
+        #[test]
+        fn valid_messages_roundtrip(d in datagram(), r in request()) {
+            prop_assert_eq!(decode::<Datagram>(&encode(&d), MAX_DATAGRAM).unwrap(), d);
+            prop_assert_eq!(decode::<Request>(&encode_line(&r), MAX_REQUEST).unwrap(), r);
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(
+            r in request(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = encode_line(&r);
+            for (at, byte) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+            }
+            let _ = decode::<Request>(&bytes, MAX_REQUEST);
+            let end = cut.index(bytes.len() + 1);
+            let _ = decode::<Request>(&bytes[..end], MAX_REQUEST);
+            let _ = decode::<Datagram>(&bytes[..end], MAX_DATAGRAM);
+        }
+    }
+}
