@@ -74,11 +74,11 @@ fn status_table_and_exit_codes() {
     let out = c.nexus(&["status"]);
     assert!(out.status.success(), "{}", text(&out));
     let table = String::from_utf8_lossy(&out.stdout);
-    for col in ["PID", "ROLE", "ID", "UPTIME", "CPU%", "MEM", "STATE"] {
+    for col in ["PID", "ROLE", "ID", "UPTIME", "CPU%", "MEM", "STATUS"] {
         assert!(table.contains(col), "column {col} in\n{table}");
     }
     assert_eq!(
-        table.lines().filter(|l| l.contains(" running ")).count(),
+        table.lines().filter(|l| l.contains(" running,")).count(),
         10,
         "{table}"
     );

@@ -181,8 +181,8 @@ fn print_table(report: &StatusReport, rows: &[Row], whole: bool) {
         }
     );
     println!(
-        "{:>8}  {:<13} {:>3}  {:>9}  {:>5}  {:>7}  {:<9} {:>8}  {:>8}  LAST CAUSE",
-        "PID", "ROLE", "ID", "UPTIME", "CPU%", "MEM", "STATE", "LAST HB", "RESTARTS"
+        "{:>8}  {:<13} {:>3}  {:>9}  {:>5}  {:>7}  {:<22} {:>8}  LAST CAUSE",
+        "PID", "ROLE", "ID", "UPTIME", "CPU%", "MEM", "STATUS", "RESTARTS"
     );
     for r in rows {
         let role = if r.master {
@@ -190,30 +190,31 @@ fn print_table(report: &StatusReport, rows: &[Row], whole: bool) {
         } else {
             r.role.to_string()
         };
+        let state = format!("{:?}", r.state).to_lowercase();
+        // The heartbeat age is the freshest any watchdog heard from this very pid.
+        let status = match r.heartbeat_age_ms {
+            Some(a) => format!("{state}, hb {:.1}s ago", a as f64 / 1000.0),
+            None if r.pid > 0 => format!("{state}, no hb yet"),
+            None => state,
+        };
+        let pid = if r.pid > 0 {
+            r.pid.to_string()
+        } else {
+            "-".into()
+        };
+        let mem = r
+            .rss_kib
+            .map_or("-".into(), |k| format!("{:.1}M", k as f64 / 1024.0));
         println!(
-            "{:>8}  {:<13} {:>3}  {:>9}  {:>5}  {:>7}  {:<9} {:>8}  {:>8}  {}",
-            if r.pid > 0 {
-                r.pid.to_string()
-            } else {
-                "-".into()
-            },
-            role,
+            "{pid:>8}  {role:<13} {:>3}  {:>9}  {:>5}  {mem:>7}  {status:<22} {:>8}  {}",
             r.id,
             r.uptime_s.map_or("-".into(), fmt_duration),
             r.cpu_percent.map_or("-".into(), |c| format!("{c:.1}")),
-            r.rss_kib
-                .map_or("-".into(), |k| format!("{:.1}M", k as f64 / 1024.0)),
-            format!("{:?}", r.state).to_lowercase(),
-            match (r.master, r.heartbeat_age_ms) {
-                (_, Some(a)) => format!("{:.1}s", a as f64 / 1000.0),
-                (true, None) => "master".into(),
-                (false, None) => "never".into(),
-            },
             r.restarts,
             r.last_cause.as_deref().unwrap_or("-"),
         );
     }
-    println!("* master. LAST HB: freshest heartbeat any watchdog heard from that pid.");
+    println!("* master. hb: the freshest heartbeat any watchdog heard from that pid.");
 }
 
 fn fmt_duration(s: f64) -> String {
