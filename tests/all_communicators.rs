@@ -12,12 +12,7 @@ use common::*;
 fn a_survivor_takes_over_when_both_communicators_die() {
     let c = Cluster::new(FAST);
     c.start();
-    let comms: Vec<i32> = c
-        .daemons()
-        .iter()
-        .filter(|d| d.1 == "communicator")
-        .map(|d| d.0)
-        .collect();
+    let comms: Vec<i32> = c.pids("communicator");
     assert_eq!(comms.len(), 2);
     for &p in &comms {
         signal(p, libc::SIGKILL);
@@ -49,9 +44,7 @@ fn a_survivor_takes_over_when_both_communicators_die() {
     // The new master works like any other.
     let victim = c.pid_of("workflow", 2).unwrap();
     signal(victim, libc::SIGKILL);
-    wait_until("workflow-2 replaced", Duration::from_secs(10), || {
-        c.pid_of("workflow", 2).is_some_and(|p| p != victim)
-    });
+    c.wait_replaced("workflow", 2, victim);
     assert!(c.nexus(&["stop"]).status.success());
     assert!(c.daemons().is_empty());
 }

@@ -12,9 +12,7 @@ fn killed_workflow_is_replaced_with_same_role_and_id() {
     c.start();
     let victim = c.pid_of("workflow", 3).unwrap();
     signal(victim, libc::SIGKILL);
-    wait_until("workflow-3 replaced", Duration::from_secs(10), || {
-        c.pid_of("workflow", 3).is_some_and(|p| p != victim)
-    });
+    c.wait_replaced("workflow", 3, victim);
     c.wait_whole(10, Duration::from_secs(10));
     wait_until("respawned event", Duration::from_secs(5), || {
         !c.recoveries_of(victim).is_empty()
@@ -32,9 +30,7 @@ fn killed_watchdog_comes_back_with_its_socket() {
     let sock = c.path().join("heartbeat_2.sock");
     let victim = c.pid_of("watchdog", 2).unwrap();
     signal(victim, libc::SIGKILL);
-    wait_until("watchdog-2 replaced", Duration::from_secs(10), || {
-        c.pid_of("watchdog", 2).is_some_and(|p| p != victim)
-    });
+    c.wait_replaced("watchdog", 2, victim);
     wait_until("heartbeat_2.sock back", Duration::from_secs(5), || {
         sock.exists()
     });
@@ -55,16 +51,9 @@ fn killed_standby_communicator_is_replaced() {
     let c = Cluster::new(FAST);
     c.start();
     let master = c.master_pid();
-    let standby = c
-        .daemons()
-        .into_iter()
-        .find(|d| d.1 == "communicator" && d.0 != master)
-        .unwrap();
+    let standby = c.standby();
     signal(standby.0, libc::SIGKILL);
-    wait_until("standby replaced", Duration::from_secs(10), || {
-        c.pid_of("communicator", standby.2)
-            .is_some_and(|p| p != standby.0)
-    });
+    c.wait_replaced("communicator", standby.1, standby.0);
     assert_eq!(c.master_pid(), master, "the master did not change");
 }
 
@@ -78,9 +67,7 @@ fn many_kills_give_one_replacement_each() {
         let victim = c.pid_of("workflow", id).unwrap();
         signal(victim, libc::SIGKILL);
         victims.push(victim);
-        wait_until("replacement", Duration::from_secs(10), || {
-            c.pid_of("workflow", id).is_some_and(|p| p != victim)
-        });
+        c.wait_replaced("workflow", id, victim);
     }
     c.wait_whole(10, Duration::from_secs(10));
     for v in victims {

@@ -23,23 +23,13 @@ fn killed_master_is_replaced_by_the_standby() {
     let c = Cluster::new(FAST);
     c.start();
     let old = c.master_pid();
-    let workflows: Vec<i32> = c
-        .daemons()
-        .iter()
-        .filter(|d| d.1 == "workflow")
-        .map(|d| d.0)
-        .collect();
+    let workflows: Vec<i32> = c.pids("workflow");
     signal(old, libc::SIGKILL);
     wait_until("a new master", Duration::from_secs(10), || {
         c.master_pid() != old && masters(&c) == 1
     });
     c.wait_whole(10, Duration::from_secs(10));
-    let now: Vec<i32> = c
-        .daemons()
-        .iter()
-        .filter(|d| d.1 == "workflow")
-        .map(|d| d.0)
-        .collect();
+    let now: Vec<i32> = c.pids("workflow");
     assert_eq!(workflows, now, "the workflows were adopted, not restarted");
     let leader: Vec<_> = c
         .events()
@@ -94,9 +84,7 @@ fn hung_daemon_is_still_replaced_after_failover() {
     c.wait_whole(10, Duration::from_secs(10));
     let victim = c.pid_of("workflow", 1).unwrap();
     signal(victim, libc::SIGSTOP);
-    wait_until("hung workflow-1 replaced", Duration::from_secs(10), || {
-        c.pid_of("workflow", 1).is_some_and(|p| p != victim)
-    });
+    c.wait_replaced("workflow", 1, victim);
     wait_until("old pid gone", Duration::from_secs(5), || gone(victim));
 }
 
@@ -132,12 +120,7 @@ fn hung_master_is_killed_by_the_standby_and_replaced() {
 fn hung_master_and_hung_standby_are_both_replaced() {
     let c = Cluster::new(FAST);
     c.start();
-    let comms: Vec<i32> = c
-        .daemons()
-        .iter()
-        .filter(|d| d.1 == "communicator")
-        .map(|d| d.0)
-        .collect();
+    let comms: Vec<i32> = c.pids("communicator");
     for &p in &comms {
         signal(p, libc::SIGSTOP);
     }

@@ -14,9 +14,7 @@ fn stopped_workflow_is_killed_and_replaced() {
     let victim = c.pid_of("workflow", 2).unwrap();
     let t0 = Instant::now();
     signal(victim, libc::SIGSTOP);
-    wait_until("hung workflow-2 replaced", Duration::from_secs(10), || {
-        c.pid_of("workflow", 2).is_some_and(|p| p != victim)
-    });
+    c.wait_replaced("workflow", 2, victim);
     let took = t0.elapsed();
     assert!(
         took >= Duration::from_millis(400),
@@ -45,9 +43,7 @@ fn stopped_watchdog_is_caught_by_its_peers() {
     c.start();
     let victim = c.pid_of("watchdog", 1).unwrap();
     signal(victim, libc::SIGSTOP);
-    wait_until("hung watchdog-1 replaced", Duration::from_secs(10), || {
-        c.pid_of("watchdog", 1).is_some_and(|p| p != victim)
-    });
+    c.wait_replaced("watchdog", 1, victim);
     wait_until("recovery recorded", Duration::from_secs(5), || {
         !c.recoveries_of(victim).is_empty()
     });
@@ -60,16 +56,9 @@ fn stopped_standby_communicator_is_replaced() {
     let c = Cluster::new(FAST);
     c.start();
     let master = c.master_pid();
-    let standby = c
-        .daemons()
-        .into_iter()
-        .find(|d| d.1 == "communicator" && d.0 != master)
-        .unwrap();
+    let standby = c.standby();
     signal(standby.0, libc::SIGSTOP);
-    wait_until("hung standby replaced", Duration::from_secs(10), || {
-        c.pid_of("communicator", standby.2)
-            .is_some_and(|p| p != standby.0)
-    });
+    c.wait_replaced("communicator", standby.1, standby.0);
     assert_eq!(c.master_pid(), master);
 }
 

@@ -84,10 +84,10 @@ s.sendto(hb.encode(), d + "/heartbeat_1.sock")
 c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 c.settimeout(3)
 c.connect(d + "/control.sock")
-c.sendall(b'{{"v":1,"msg":{{"type":"stop"}}}}\n')
 try:
+    c.sendall(b'{{"v":1,"msg":{{"type":"stop"}}}}\n')
     print("reply:", c.recv(4096))
-except ConnectionResetError:
+except (BrokenPipeError, ConnectionResetError):
     print("reply: b''")
 "#,
         dir = c.path().display().to_string()

@@ -176,9 +176,7 @@ fn two_clusters_side_by_side() {
     assert_eq!(b.daemons().len(), 7);
     let victim = a.pid_of("workflow", 1).unwrap();
     signal(victim, libc::SIGKILL);
-    wait_until("a's workflow-1 replaced", Duration::from_secs(10), || {
-        a.pid_of("workflow", 1).is_some_and(|p| p != victim)
-    });
+    a.wait_replaced("workflow", 1, victim);
     assert_eq!(
         b.events()
             .iter()
@@ -204,9 +202,7 @@ fn other_counts_work() {
     assert!(!c.path().join("heartbeat_2.sock").exists());
     let victim = c.pid_of("workflow", 17).unwrap();
     signal(victim, libc::SIGKILL);
-    wait_until("workflow-17 replaced", Duration::from_secs(10), || {
-        c.pid_of("workflow", 17).is_some_and(|p| p != victim)
-    });
+    c.wait_replaced("workflow", 17, victim);
 }
 
 #[test]

@@ -74,6 +74,35 @@ impl Cluster {
         daemons_of(self.path())
     }
 
+    /// The pids of one role, in pid order.
+    pub fn pids(&self, role: &str) -> Vec<i32> {
+        self.daemons()
+            .into_iter()
+            .filter(|d| d.1 == role)
+            .map(|d| d.0)
+            .collect()
+    }
+
+    /// The standby communicator: (pid, id).
+    pub fn standby(&self) -> (i32, u32) {
+        let master = self.master_pid();
+        let d = self
+            .daemons()
+            .into_iter()
+            .find(|d| d.1 == "communicator" && d.0 != master);
+        let d = d.expect("a standby communicator");
+        (d.0, d.2)
+    }
+
+    /// Waits until slot `role`-`id` runs a process other than `old`; returns its pid.
+    pub fn wait_replaced(&self, role: &str, id: u32, old: i32) -> i32 {
+        let what = format!("{role}-{id} (pid {old}) replaced");
+        wait_until(&what, Duration::from_secs(10), || {
+            self.pid_of(role, id).is_some_and(|p| p != old)
+        });
+        self.pid_of(role, id).unwrap_or(0)
+    }
+
     pub fn count(&self, role: &str) -> usize {
         self.daemons().iter().filter(|d| d.1 == role).count()
     }
