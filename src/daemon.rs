@@ -283,21 +283,38 @@ impl MasterProbe {
     pub fn check(&mut self) -> Probe {
         let lock = match LeaderLock::try_acquire(&self.lock) {
             Ok(Some(lock)) => lock,
+            Ok(None) if self.masterless_since.is_some() && !self.holder_is_master() => {
+                // Held only for a moment by another daemon's probe: still no master.
+                return self.give_up_if_overdue();
+            }
             Ok(None) | Err(_) => {
                 self.masterless_since = None;
                 return Probe::Fine;
             }
         };
-        let since = *self.masterless_since.get_or_insert_with(Instant::now);
+        self.masterless_since.get_or_insert_with(Instant::now);
         if !self.never_take_over && !self.stopping.exists() {
             return Probe::TakeOver(lock);
         }
         drop(lock);
-        if since.elapsed() >= self.give_up_after {
-            Probe::GiveUp
-        } else {
-            Probe::Fine
+        self.give_up_if_overdue()
+    }
+
+    fn give_up_if_overdue(&self) -> Probe {
+        match self.masterless_since {
+            Some(t) if t.elapsed() >= self.give_up_after => Probe::GiveUp,
+            _ => Probe::Fine,
         }
+    }
+
+    /// Whether the lock's recorded holder is a live communicator of our directory.
+    fn holder_is_master(&self) -> bool {
+        let Some(dir) = self.lock.parent() else {
+            return false;
+        };
+        LeaderLock::recorded_pid(&self.lock)
+            .and_then(|pid| crate::procscan::daemon_slot(pid, dir))
+            .is_some_and(|slot| slot.role == Role::Communicator)
     }
 
     /// A takeover failed: count the time towards giving up.

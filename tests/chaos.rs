@@ -8,7 +8,7 @@ use common::*;
 #[test]
 fn chaos_with_mixed_signals_passes() {
     let c = Cluster::new(
-        r#"{"interval_ms": 100, "timeout_ms": 600, "restart_intensity": 100000, "backoff_max_ms": 1000}"#,
+        r#"{"interval_ms": 100, "timeout_ms": 1000, "restart_intensity": 100000, "backoff_max_ms": 1000}"#,
     );
     c.start();
     let out = c.nexus(&[

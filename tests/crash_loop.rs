@@ -10,7 +10,7 @@ use common::*;
 #[test]
 fn crash_loop_backs_off_and_marks_the_slot_failed() {
     let c = Cluster::new(
-        r#"{"interval_ms": 100, "timeout_ms": 600, "backoff_initial_ms": 50, "backoff_max_ms": 2000,
+        r#"{"interval_ms": 100, "timeout_ms": 1000, "backoff_initial_ms": 50, "backoff_max_ms": 2000,
             "restart_intensity": 4, "restart_period_ms": 60000, "start_timeout_ms": 1500}"#,
     );
     // workflow-2 crashes at every start: start cannot be whole, and says who is missing.
@@ -29,7 +29,7 @@ fn crash_loop_backs_off_and_marks_the_slot_failed() {
     // Started without the fault, then made to crash-loop through the environment of
     // the replacements: simulate by starting with the fault and a long start timeout.
     let c = Cluster::new(
-        r#"{"interval_ms": 100, "timeout_ms": 600, "backoff_initial_ms": 50, "backoff_max_ms": 2000,
+        r#"{"interval_ms": 100, "timeout_ms": 1000, "backoff_initial_ms": 50, "backoff_max_ms": 2000,
             "restart_intensity": 4, "restart_period_ms": 60000, "start_timeout_ms": 100000}"#,
     );
     let mut child = std::process::Command::new(NEXUS)

@@ -64,7 +64,7 @@ fn stopped_standby_communicator_is_replaced() {
 
 #[test]
 fn a_daemon_that_never_heartbeats_is_replaced() {
-    let c = Cluster::new(r#"{"interval_ms": 100, "timeout_ms": 600, "start_timeout_ms": 800}"#);
+    let c = Cluster::new(r#"{"interval_ms": 100, "timeout_ms": 1000, "start_timeout_ms": 800}"#);
     // workflow-4 starts but never heartbeats: start cannot complete and names it.
     let out = c.nexus_env(&["start"], &[("NEXUS_FAULT", "mute:workflow-4")]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -77,7 +77,7 @@ fn a_daemon_that_never_heartbeats_is_replaced() {
     // With room to wait, the watchdogs report the mute daemon and it is replaced
     // (the replacement inherits the fault, so it is replaced again: what matters is
     // that each silent pid is replaced once).
-    let c = Cluster::new(r#"{"interval_ms": 100, "timeout_ms": 600, "start_timeout_ms": 100000}"#);
+    let c = Cluster::new(r#"{"interval_ms": 100, "timeout_ms": 1000, "start_timeout_ms": 100000}"#);
     let mut child = std::process::Command::new(NEXUS)
         .args(["start", "--runtime-dir"])
         .arg(c.path())

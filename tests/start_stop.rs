@@ -169,7 +169,7 @@ fn leftovers_of_a_crashed_run_are_cleaned() {
 #[test]
 fn two_clusters_side_by_side() {
     let a = Cluster::new(FAST);
-    let b = Cluster::new(r#"{"interval_ms": 100, "timeout_ms": 600, "workflows": 2}"#);
+    let b = Cluster::new(r#"{"interval_ms": 100, "timeout_ms": 1000, "workflows": 2}"#);
     a.start();
     b.start();
     assert_eq!(a.daemons().len(), 10);
@@ -193,7 +193,7 @@ fn two_clusters_side_by_side() {
 #[test]
 fn other_counts_work() {
     let c = Cluster::new(
-        r#"{"communicators": 1, "watchdogs": 1, "workflows": 20, "interval_ms": 100, "timeout_ms": 600}"#,
+        r#"{"communicators": 1, "watchdogs": 1, "workflows": 20, "interval_ms": 100, "timeout_ms": 1000}"#,
     );
     c.start();
     assert_eq!(c.daemons().len(), 22);

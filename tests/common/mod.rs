@@ -12,7 +12,7 @@ use serde_json::Value;
 pub const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
 
 /// Short timings so hang tests take about a second, not six.
-pub const FAST: &str = r#"{"interval_ms": 100, "timeout_ms": 600, "stop_grace_ms": 1000}"#;
+pub const FAST: &str = r#"{"interval_ms": 100, "timeout_ms": 1000, "stop_grace_ms": 1000}"#;
 
 pub struct Cluster {
     dir: tempfile::TempDir,
