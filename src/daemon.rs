@@ -287,10 +287,12 @@ impl MasterProbe {
                 // Held only for a moment by another daemon's probe: still no master.
                 return self.give_up_if_overdue();
             }
-            Ok(None) | Err(_) => {
+            Ok(None) => {
                 self.masterless_since = None;
+                self.kill_master_if_hung();
                 return Probe::Fine;
             }
+            Err(_) => return Probe::Fine,
         };
         self.masterless_since.get_or_insert_with(Instant::now);
         if !self.never_take_over && !self.stopping.exists() {
@@ -298,6 +300,29 @@ impl MasterProbe {
         }
         drop(lock);
         self.give_up_if_overdue()
+    }
+
+    /// The last line of defence for a hung master: its standby should kill it after one
+    /// timeout; if the lock's mtime is still stale after two, the standby is hung or gone
+    /// too, so any daemon does it. The lock then frees and a probing daemon takes over.
+    /// Only through a pidfd, and only a communicator of this directory.
+    fn kill_master_if_hung(&self) {
+        if LeaderLock::age(&self.lock).is_none_or(|age| age < self.give_up_after) {
+            return;
+        }
+        let Some(pid) = LeaderLock::recorded_pid(&self.lock) else {
+            return;
+        };
+        let Ok(fd) = crate::spawn::pidfd_open(pid) else {
+            return;
+        };
+        if !self.holder_is_master() {
+            return;
+        }
+        log::warn!(
+            "master pid {pid} has not shown life for two timeouts and no standby acted: killing it"
+        );
+        let _ = crate::spawn::pidfd_signal(&fd, libc::SIGKILL);
     }
 
     fn give_up_if_overdue(&self) -> Probe {

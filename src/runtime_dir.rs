@@ -284,6 +284,20 @@ impl LeaderLock {
         self.file.write_all(format!("{pid}\n").as_bytes())
     }
 
+    /// The master's proof of life: its loop sets the file's mtime every interval, so any
+    /// daemon can see a hung master with one stat and no load on the master.
+    pub fn touch(&self) {
+        // SAFETY: a null `times` means "now" for both timestamps.
+        unsafe { libc::futimens(self.file.as_raw_fd(), std::ptr::null()) };
+    }
+
+    /// How long ago the holder last touched the file (wall clock: a large forward step
+    /// of the clock can make a healthy master look late, which costs one failover).
+    pub fn age(path: &Path) -> Option<std::time::Duration> {
+        let modified = fs::metadata(path).ok()?.modified().ok()?;
+        std::time::SystemTime::now().duration_since(modified).ok()
+    }
+
     /// The pid written by the last holder (who may be dead: check before trusting it).
     pub fn recorded_pid(path: &Path) -> Option<i32> {
         let mut s = String::new();

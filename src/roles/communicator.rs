@@ -104,7 +104,7 @@ struct Conn {
 }
 
 struct Master {
-    _lock: LeaderLock,
+    lock: LeaderLock,
     listener: UnixListener,
     conns: HashMap<usize, Conn>,
     next_conn: usize,
@@ -185,7 +185,11 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     let mut events = Events::with_capacity(256);
     loop {
         let now = Instant::now();
-        comm.heart.tick(now);
+        if comm.heart.tick(now).is_some()
+            && let Some(m) = comm.master.as_ref()
+        {
+            m.lock.touch();
+        }
         let mut wake = comm.heart.next_due();
         if let Some(w) = comm.watch.as_mut() {
             if let Some(k) = w.tick(now) {
@@ -347,7 +351,7 @@ impl Communicator {
             })
             .collect();
         let mut m = Master {
-            _lock: lock,
+            lock,
             listener,
             conns: HashMap::new(),
             next_conn: 0,

@@ -11,15 +11,12 @@ use mio::net::UnixDatagram;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, UnixAddr, sockopt};
 
-use crate::config::{Role, SlotName};
+use crate::config::SlotName;
 use crate::daemon::{
     DaemonCtx, Heartbeater, MasterProbe, Rejections, Signals, act_on_probe, poll_until,
     send_request,
 };
-use crate::procscan;
 use crate::protocol::{self, Age, Datagram, Request};
-use crate::runtime_dir::LeaderLock;
-use crate::spawn;
 
 const SIGNALS: Token = Token(0);
 const SOCKET: Token = Token(1);
@@ -282,26 +279,12 @@ impl Watchdog {
         let timeout = self.ctx.config.timeout();
         let control = self.ctx.dir.control_socket();
         let mut next = now + timeout;
-        let master = LeaderLock::recorded_pid(&self.ctx.dir.leader_lock());
-        // Our own view is only evidence if we still hear somebody.
-        let hearing = self
-            .heard
-            .iter()
-            .any(|h| h.heard && now.duration_since(h.last) < timeout);
-        let mut hung_master = None;
         for h in &mut self.heard {
             if h.slot == self.ctx.slot {
                 continue;
             }
             if now >= h.due {
                 let silent_ms = now.duration_since(h.last).as_millis() as u64;
-                if hearing
-                    && h.heard
-                    && Some(h.pid) == master
-                    && now.duration_since(h.last) >= 2 * timeout
-                {
-                    hung_master = Some((h.pid, silent_ms));
-                }
                 let report = Request::Silent {
                     reporter: self.ctx.slot.id,
                     role: h.slot.role,
@@ -324,25 +307,5 @@ impl Watchdog {
             next = next.min(h.due);
         }
         self.next_check = next.max(now + Duration::from_millis(1));
-        if let Some((pid, silent_ms)) = hung_master {
-            self.kill_hung_master(pid, silent_ms);
-        }
-    }
-
-    /// The last line of defence for a hung master: its standby should have killed it
-    /// after one timeout; if the master is still silent after two, the standby is hung or
-    /// gone too. Killing the master frees the leader lock, and the daemons probing it take
-    /// over. Only ever through a pidfd, and only a communicator of this directory.
-    fn kill_hung_master(&mut self, pid: i32, silent_ms: u64) {
-        let Ok(fd) = spawn::pidfd_open(pid) else {
-            return;
-        };
-        if procscan::daemon_slot(pid, self.ctx.dir.path()).map(|s| s.role)
-            != Some(Role::Communicator)
-        {
-            return;
-        }
-        log::warn!("master pid {pid} silent for {silent_ms} ms and no standby acted: killing it");
-        let _ = spawn::pidfd_signal(&fd, libc::SIGKILL);
     }
 }
