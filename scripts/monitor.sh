@@ -8,37 +8,11 @@
 # Exit: 0 all good, 1 something is wrong, 3 nexus is not running in the directory (no
 # master answering and no daemon of the directory found).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin="$repo/target/release/nexus"
-if [[ ! -x "$bin" ]]; then
-    echo "building nexus (release)..." >&2
-    # The repo's build recipe (as ./start uses) if there is one, else plain cargo.
-    if [[ -x "$repo/scripts/build-release" ]]; then
-        "$repo/scripts/build-release" >&2
-    else
-        cargo build --release --manifest-path "$repo/Cargo.toml" >&2
-    fi
-fi
-
-# nexus makes the path absolute and normalises it lexically; the daemons' command lines
-# (matched by pgrep below) carry that form.
-DIR=$(realpath -m -s -- "${NEXUS_RUNTIME_DIR:-/tmp/nexus}")
-
-# The directory as an extended regex, anchored at the end of the command line (the
-# runtime dir is the last argument) so that /tmp/a does not match /tmp/ab.
-dir_re=$(printf '%s' "$DIR" | sed 's/[][\.*^$+?(){}|]/\\&/g')
-count_role() { pgrep -u "$EUID" -c -f -- "/nexus daemon --role $1 --id [0-9]+ --runtime-dir $dir_re\$" || true; }
-count_all() { count_role '(communicator|watchdog|workflow)'; }
-
-# A count from the running config, or the built-in default.
-config_count() { # KEY DEFAULT
-    local v=""
-    if [[ -r "$DIR/config.json" ]]; then
-        v=$(sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\([0-9][0-9]*\).*/\1/p" "$DIR/config.json" | head -n 1)
-    fi
-    echo "${v:-$2}"
-}
+build_if_missing
+set_dir "${NEXUS_RUNTIME_DIR:-/tmp/nexus}"
 
 ok=1
 bad() { ok=0; }
@@ -47,7 +21,7 @@ bad() { ok=0; }
 rc=0
 "$bin" status --runtime-dir "$DIR" || rc=$?
 if ((rc == 3)); then
-    n=$(count_all)
+    n=$(count_of)
     if ((n == 0)); then
         echo "FAIL: nexus is not running in $DIR"
         exit 3
@@ -68,9 +42,9 @@ if [[ ! -r "$DIR/config.json" ]]; then
     echo "FAIL: $DIR/config.json is missing; expecting the default counts"
     bad
 fi
-n_comm=$(config_count communicators 2)
-n_dog=$(config_count watchdogs 3)
-n_wf=$(config_count workflows 5)
+n_comm=$(config_value communicators 2)
+n_dog=$(config_value watchdogs 3)
+n_wf=$(config_value workflows 5)
 
 # --- sockets --------------------------------------------------------------------------
 echo
@@ -96,7 +70,7 @@ echo "processes of $DIR (pgrep) vs config.json:"
 total=0
 for spec in "communicator:$n_comm" "watchdog:$n_dog" "workflow:$n_wf"; do
     role=${spec%%:*} want=${spec##*:}
-    n=$(count_role "$role")
+    n=$(count_of "$role")
     total=$((total + n))
     if ((n == want)); then
         printf '  %-14s %3d / %-3d ok\n' "$role" "$n" "$want"

@@ -8,16 +8,16 @@
 # call is bounded by `timeout`, so a wedged master cannot hang the screen; it always
 # exits 0 (a non-zero exit would make watch stop refreshing with -e, and is noise here).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin="$repo/target/release/nexus"
+# No build here: a screen refreshed every second is no place for one.
 if [[ ! -x "$bin" ]]; then
     echo "nexus is not built: run cargo build --release in $repo (or ./start)"
     exit 0
 fi
 
-DIR=$(realpath -m -s -- "${NEXUS_RUNTIME_DIR:-/tmp/nexus}")
-dir_re=$(printf '%s' "$DIR" | sed 's/[][\.*^$+?(){}|]/\\&/g')
+set_dir "${NEXUS_RUNTIME_DIR:-/tmp/nexus}"
 
 # `nexus status` gives up on the master after 2 s and on the watchdogs after 0.5 s;
 # 4 s (then SIGKILL 1 s later) is a hard ceiling in case anything else blocks.
@@ -28,7 +28,7 @@ bounded "$bin" status --runtime-dir "$DIR" 2>/dev/null || rc=$?
 case $rc in
     0 | 1) ;;
     3)
-        n=$(pgrep -u "$EUID" -c -f -- "/nexus daemon --role [a-z]+ --id [0-9]+ --runtime-dir $dir_re\$" || true)
+        n=$(count_of '[a-z]+')
         if ((n > 0)); then
             echo "the master does not answer in $DIR, but $n of its daemons are running"
         else
@@ -40,11 +40,7 @@ case $rc in
 esac
 
 # Sockets on one line: control, then heartbeat_1..N for the configured watchdogs.
-dogs=""
-if [[ -r "$DIR/config.json" ]]; then
-    dogs=$(sed -n 's/.*"watchdogs"[[:space:]]*:[[:space:]]*\([0-9][0-9]*\).*/\1/p' "$DIR/config.json" | head -n 1)
-fi
-dogs=${dogs:-3}
+dogs=$(config_value watchdogs 3)
 sock_state() {
     if [[ -S "$1" ]]; then
         echo ok

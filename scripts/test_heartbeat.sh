@@ -12,67 +12,20 @@
 #
 # Prints PASS/FAIL per check and a final "N passed, M failed" line; exits 1 if any failed.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin="$repo/target/release/nexus"
-if [[ ! -x "$bin" ]]; then
-    echo "building nexus (release)..." >&2
-    # The repo's build recipe (as ./start uses) if there is one, else plain cargo.
-    if [[ -x "$repo/scripts/build-release" ]]; then
-        "$repo/scripts/build-release" >&2
-    else
-        cargo build --release --manifest-path "$repo/Cargo.toml" >&2
-    fi
-fi
-
+build_if_missing
 interval_ms=200
 timeout_ms=1000
 
-# --- the runtime directory ----------------------------------------------------------
-made_dir=0
-if [[ -n "${NEXUS_RUNTIME_DIR:-}" ]]; then
-    # nexus makes the path absolute and normalises it lexically; so must we, since the
-    # daemons' command lines (matched by pgrep below) carry the normalised form.
-    DIR=$(realpath -m -s -- "$NEXUS_RUNTIME_DIR")
-else
-    DIR=$(mktemp -d /tmp/nexus-test.XXXXXXXX) # mode 0700, never a user's cluster
-    made_dir=1
-fi
+# A fresh private temp dir unless NEXUS_RUNTIME_DIR names one.
+set_dir_or_temp /tmp/nexus-test.XXXXXXXX
 export NEXUS_RUNTIME_DIR="$DIR"
 unset NEXUS_CONFIG
 
-# --- helpers ------------------------------------------------------------------------
-passed=0
-failed=0
-pass() { echo "PASS: $*"; passed=$((passed + 1)); }
-fail() { echo "FAIL: $*"; failed=$((failed + 1)); }
-
-now_ms() { local t=${EPOCHREALTIME//[.,]/}; echo $((t / 1000)); }
-
-# The directory as an extended regex: pgrep -f takes a pattern, not a string.
-dir_re=$(printf '%s' "$DIR" | sed 's/[][\.*^$+?(){}|]/\\&/g')
-# pgrep pattern for daemons of this directory; the runtime dir is the last argument, so
-# anchoring with $ keeps /tmp/a from matching /tmp/ab.
-daemon_re() { # [role] [id]
-    local role="${1:-(communicator|watchdog|workflow)}" id="${2:-[0-9]+}"
-    printf '%s' "/nexus daemon --role $role --id $id --runtime-dir $dir_re\$"
-}
-count_all() { pgrep -u "$EUID" -c -f -- "$(daemon_re)" || true; }
-pids_of() { pgrep -u "$EUID" -f -- "$(daemon_re "$@")" || true; }
-
-# wait_for TIMEOUT_MS CMD...: polls CMD every 10 ms until it succeeds or the deadline
-# passes (bounded by both the clock and an iteration count).
-wait_for() {
-    local timeout_ms=$1 i deadline
-    shift
-    deadline=$(($(now_ms) + timeout_ms))
-    for ((i = 0; i <= timeout_ms / 10; i++)); do
-        if "$@"; then return 0; fi
-        (($(now_ms) < deadline)) || break
-        sleep 0.01
-    done
-    "$@"
-}
+# wait_for polls every 10 ms, not 20: this script reports times to recovery in ms.
+poll_ms=10
 
 # A pid is gone once it no longer exists or is a zombie waiting to be reaped.
 gone() {
@@ -87,7 +40,7 @@ gone() {
 replaced() {
     local p
     p=$(pids_of "$1" "$2")
-    [[ -n "$p" && "$p" != *$'\n'* && "$p" != "$3" ]] && gone "$3" && (($(count_all) == exp_total))
+    [[ -n "$p" && "$p" != *$'\n'* && "$p" != "$3" ]] && gone "$3" && (($(count_of) == exp_total))
 }
 
 # The kernel's socket inode bound to PATH, from /proc/net/unix (empty if none): a new
@@ -102,56 +55,16 @@ sock_rebound() { # PATH OLD_INODE
 }
 status_whole() { "$bin" status --runtime-dir "$DIR" >/dev/null 2>&1; }
 
-started=0
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if ((started)); then
-        "$bin" stop --runtime-dir "$DIR" >/dev/null 2>&1 || true
-        # Anything of this directory that survived the stop: by pid, never by name.
-        local pid
-        for pid in $(pids_of); do
-            echo "cleanup: killing leftover pid $pid of $DIR" >&2
-            kill -KILL "$pid" 2>/dev/null || true
-        done
-    fi
-    # Our config file, also when the directory is the user's.
-    [[ -z "${cfg:-}" ]] || rm -f -- "$cfg"
-    if ((made_dir)); then
-        # Kept when a check failed, for its logs; not on success or an interrupt.
-        if ((rc == 0 || rc == 130 || rc == 143)); then
-            rm -rf -- "$DIR"
-        else
-            echo "runtime dir kept for inspection: $DIR (logs in $DIR/logs)" >&2
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap_cleanup
 
-summary() { echo "$passed passed, $failed failed"; }
 abort() {
     fail "$@"
     summary
     exit 1
 }
 
-# --- refuse to touch a cluster we did not start ---------------------------------------
-rc=0
-"$bin" status --runtime-dir "$DIR" >/dev/null 2>&1 || rc=$?
-if ((rc != 3)) || (($(count_all) > 0)); then
-    echo "FAIL: $DIR is in use (nexus status exited $rc, $(count_all) daemons found); refusing to test there (unset NEXUS_RUNTIME_DIR to use a temp dir)"
-    exit 1
-fi
-
 # --- start ----------------------------------------------------------------------------
-echo "runtime dir: $DIR"
-if [[ ! -d "$DIR" ]]; then
-    mkdir -p -- "$(dirname -- "$DIR")"
-    mkdir -m 700 -- "$DIR"
-fi
+claim_dir
 cfg="$DIR/test-config.json"
 printf '{"interval_ms": %d, "timeout_ms": %d}\n' "$interval_ms" "$timeout_ms" >"$cfg"
 exp_total=10
@@ -163,10 +76,10 @@ ev_offset=0
 started=1
 rc=0
 "$bin" start --config "$cfg" --runtime-dir "$DIR" || rc=$?
-if ((rc == 0)) && (($(count_all) == exp_total)); then
+if ((rc == 0)) && (($(count_of) == exp_total)); then
     pass "cluster started: $exp_total daemons"
 else
-    abort "cluster did not start (nexus start exited $rc, $(count_all) daemons)"
+    abort "cluster did not start (nexus start exited $rc, $(count_of) daemons)"
 fi
 t_all=$(now_ms)
 
@@ -180,7 +93,7 @@ kill -KILL "$old_wf3"
 if wait_for 10000 replaced workflow 3 "$old_wf3"; then
     pass "workflow 3 (pid $old_wf3, kill -9) replaced by pid $(pids_of workflow 3) in $(($(now_ms) - t0)) ms; $exp_total daemons again"
 else
-    fail "workflow 3 (pid $old_wf3, kill -9) not replaced within 10 s (now: '$(pids_of workflow 3 | tr '\n' ' ')', $(count_all) daemons)"
+    fail "workflow 3 (pid $old_wf3, kill -9) not replaced within 10 s (now: '$(pids_of workflow 3 | tr '\n' ' ')', $(count_of) daemons)"
 fi
 
 # --- 2. hang: kill -STOP workflow 2 -----------------------------------------------------
@@ -278,10 +191,7 @@ done <<<"$ledger"
 rc=0
 "$bin" stop --runtime-dir "$DIR" || rc=$?
 if ((rc == 0)); then pass "nexus stop exited 0"; else fail "nexus stop exited $rc"; fi
-n=$(count_all)
-if ((n == 0)); then pass "no daemon of $DIR remains"; else fail "$n daemons of $DIR remain after stop: $(pids_of | tr '\n' ' ')"; fi
-left=$(find "$DIR" -maxdepth 1 -name '*.sock' -printf '%f ')
-if [[ -z "$left" ]]; then pass "sockets removed"; else fail "sockets left after stop: $left"; fi
+check_nothing_left
 started=0
 
 echo "total time with the cluster up: $(($(now_ms) - t_all)) ms"
