@@ -63,7 +63,10 @@ struct Recovery {
     cause: Cause,
     old_pid: i32,
     detected: Instant,
-    detect_ms: f64,
+    /// Failure to detection, where something measures it: the silence before a hang was
+    /// acted on. A crash has none: the kernel reports it through the pidfd as it happens
+    /// and gives no exit timestamp to subtract (chaos and the bench time it from outside).
+    detect_ms: Option<f64>,
 }
 
 struct Proc {
@@ -465,7 +468,7 @@ impl Master {
     /// last known pid is dead is a failure too, so that no loss goes unrecorded.
     fn reconcile(&mut self, ctx: &DaemonCtx, t: &Takeover, history: &crate::ledger::History) {
         let now = Instant::now();
-        let open = |cause: Cause, old_pid: i32, detect_ms: f64| Recovery {
+        let open = |cause: Cause, old_pid: i32, detect_ms: Option<f64>| Recovery {
             cause,
             old_pid,
             detected: now,
@@ -483,7 +486,7 @@ impl Master {
                         "failover" => Cause::Failover,
                         _ => Cause::Crash,
                     };
-                    open(cause, *pid, 0.0)
+                    open(cause, *pid, None)
                 })
                 .collect();
             let current = self.slots[i].proc.as_ref().map(|p| p.pid);
@@ -492,15 +495,11 @@ impl Master {
                 && let Some(prev) = t.previous
                 && !known(prev, &failures)
             {
-                let detect = if t.previous_cause == Cause::Hang {
-                    t.hung_ms as f64
-                } else {
-                    0.0
-                };
+                let detect = (t.previous_cause == Cause::Hang).then_some(t.hung_ms as f64);
                 failures.push(open(t.previous_cause, prev, detect));
             }
             if Some(name) == t.left_slot && !known(t.my_pid, &failures) {
-                failures.push(open(Cause::Failover, t.my_pid, 0.0));
+                failures.push(open(Cause::Failover, t.my_pid, None));
             }
             if let Some(&last) = history.last_pid.get(&name)
                 && Some(last) != current
@@ -508,7 +507,7 @@ impl Master {
                 && !known(last, &failures)
                 && procscan::daemon_slot(last, ctx.dir.path()) != Some(name)
             {
-                failures.push(open(Cause::Crash, last, 0.0));
+                failures.push(open(Cause::Crash, last, None));
             }
             failures.retain(|r| Some(r.old_pid) != current);
             if current.is_some() {
@@ -701,8 +700,7 @@ impl Master {
             cause: Cause::Crash,
             old_pid: proc.pid,
             detected: now,
-            // The pidfd wakes us as the process ends: there is no detection delay to add.
-            detect_ms: 0.0,
+            detect_ms: None,
         });
         let name = slot.name;
         if !self.stopping {
@@ -924,7 +922,7 @@ impl Master {
             ev.pid = Some(pid);
             ev.old_pid = Some(rec.old_pid);
             ev.cause = Some(rec.cause.as_str().into());
-            ev.detect_ms = Some(round3(rec.detect_ms));
+            ev.detect_ms = rec.detect_ms.map(round3);
             ev.recover_ms = Some(round3(rec.detected.elapsed().as_secs_f64() * 1000.0));
             self.ledger.append(&ev);
         }
@@ -1008,7 +1006,7 @@ impl Master {
             cause: Cause::Hang,
             old_pid: victim,
             detected: Instant::now(),
-            detect_ms: silent_ms as f64,
+            detect_ms: Some(silent_ms as f64),
         });
         if let Some(fd) = &proc.pidfd {
             // If it is already gone the pidfd reports that anyway; either way on_exit
