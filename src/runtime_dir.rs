@@ -2,7 +2,7 @@
 //! leader lock that decides which communicator is the master.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -278,10 +278,13 @@ impl LeaderLock {
     }
 
     /// Records the holder's pid (the whole content, so `kill $(cat leader.lock)` works).
+    /// Always the same width, written in one pwrite at offset 0: a reader never sees the
+    /// file empty or half-written, as it would between a truncate and a write.
     pub fn write_pid(&mut self, pid: u32) -> io::Result<()> {
-        self.file.set_len(0)?;
-        self.file.seek(SeekFrom::Start(0))?;
-        self.file.write_all(format!("{pid}\n").as_bytes())
+        use std::os::unix::fs::FileExt;
+        let text = format!("{pid:>10}\n");
+        self.file.write_all_at(text.as_bytes(), 0)?;
+        self.file.set_len(text.len() as u64)
     }
 
     /// The master's proof of life: its loop sets the file's mtime every interval, so any
