@@ -277,13 +277,16 @@ impl LeaderLock {
         }
     }
 
-    /// Records the holder's pid (the whole content, so `kill $(cat leader.lock)` works).
-    /// Always the same width, written in one pwrite at offset 0: a reader never sees the
-    /// file empty or half-written, as it would between a truncate and a write.
+    /// Records the holder's pid: the whole content is `PID\n`, so `kill "$(cat
+    /// leader.lock)"` works. Written in one pwrite at offset 0 (padded with spaces over a
+    /// longer predecessor, then truncated), so a reader never finds the file empty or
+    /// holding a mix of two pids, as it could between a truncate and a write.
     pub fn write_pid(&mut self, pid: u32) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let text = format!("{pid:>10}\n");
-        self.file.write_all_at(text.as_bytes(), 0)?;
+        let text = format!("{pid}\n");
+        let old = self.file.metadata()?.len() as usize;
+        let padded = format!("{text}{}", " ".repeat(old.saturating_sub(text.len())));
+        self.file.write_all_at(padded.as_bytes(), 0)?;
         self.file.set_len(text.len() as u64)
     }
 
