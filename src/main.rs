@@ -26,7 +26,10 @@ nexus — a self-healing cluster of local daemons
 Usage:
   nexus start   [--config PATH] [--runtime-dir DIR]   start the cluster; returns once every daemon heartbeats
   nexus stop    [--runtime-dir DIR]                   stop it: workflows, watchdogs, standbys, master
-  nexus status  [--json] [--runtime-dir DIR]          one row per daemon (exit 0 whole, 1 degraded, 3 not running)
+  nexus status  [--json] [--watch] [--runtime-dir DIR]
+                                                      one row per daemon (exit 0 whole, 1 degraded, 3 not running);
+                                                      --watch redraws it every second
+  nexus health  [--json]                              HEALTHY, DEGRADED or CRITICAL (exit 0, 1, 2; 3 not running)
   nexus events  [-n N] [--json] [--follow]            the event ledger (last 20 by default)
   nexus chaos   [--duration S] [--interval S] [--roles R,R] [--signal kill|stop|mixed]
                                                       kill random daemons, then check every failure
@@ -98,6 +101,7 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
     let mut common = Common::default();
     let mut json = false;
     let mut follow = false;
+    let mut watch = false;
     let mut last = 20usize;
     let mut role = None;
     let mut duration = 60.0f64;
@@ -113,6 +117,7 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
             "--config" => common.config = Some(PathBuf::from(it.value(arg)?)),
             "--json" => json = true,
             "-f" | "--follow" => follow = true,
+            "-w" | "--watch" => watch = true,
             "-n" => {
                 last = it
                     .value(arg)?
@@ -174,7 +179,11 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
         }
         "status" => {
             no_positional(&positional)?;
-            Ok(commands::status::run(&common, json)?)
+            Ok(commands::status::run(&common, json, watch)?)
+        }
+        "health" => {
+            no_positional(&positional)?;
+            Ok(commands::health::run(&common, json)?)
         }
         "events" => {
             no_positional(&positional)?;

@@ -34,6 +34,9 @@ pub enum Datagram {
     Ages {
         watchdog: u32,
         rejected: u64,
+        /// Heartbeats accepted since this watchdog started.
+        #[serde(default)]
+        received: u64,
         entries: Vec<Age>,
     },
 }

@@ -2,6 +2,7 @@
 
 pub mod chaos;
 pub mod events;
+pub mod health;
 pub mod start;
 pub mod status;
 pub mod stop;

@@ -1,7 +1,9 @@
 //! `nexus status`: the master's view of every slot, the watchdogs' heartbeat ages, and
-//! each process's uptime, CPU and memory from /proc.
+//! each process's uptime, CPU and memory from /proc. The same snapshot feeds `health`
+//! and `metrics`; serialized, it is the documented `status --json` schema.
 
 use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
@@ -9,7 +11,7 @@ use serde::Serialize;
 
 use super::Common;
 use crate::client;
-use crate::config::{Role, SlotName};
+use crate::config::{Config, Role, SlotName};
 use crate::procscan;
 use crate::protocol::{self, Datagram, Member, Request, Response, SlotState, StatusReport};
 use crate::runtime_dir::RuntimeDir;
@@ -17,33 +19,55 @@ use crate::runtime_dir::RuntimeDir;
 /// Exit code when nothing answers on the control socket.
 pub const NOT_RUNNING: i32 = 3;
 
-#[derive(Serialize)]
-struct Row {
-    role: Role,
-    id: u32,
-    pid: i32,
-    state: SlotState,
-    master: bool,
-    uptime_s: Option<f64>,
-    cpu_percent: Option<f64>,
-    rss_kib: Option<u64>,
-    heartbeat_age_ms: Option<u64>,
-    restarts: u32,
-    last_cause: Option<String>,
+/// One daemon slot as `status --json` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub role: Role,
+    pub id: u32,
+    /// 0 when the slot has no process.
+    pub pid: i32,
+    /// starting, running, backoff, failed or down.
+    pub state: SlotState,
+    pub master: bool,
+    pub uptime_s: Option<f64>,
+    /// Average CPU since the process started, percent of one core.
+    pub cpu_percent: Option<f64>,
+    pub rss_kib: Option<u64>,
+    /// Freshest heartbeat any watchdog heard from this pid (None: none yet; always None
+    /// for the master, which is watched through the lock instead).
+    pub heartbeat_age_ms: Option<u64>,
+    /// Heard nothing for longer than the timeout: about to be replaced.
+    pub silent: bool,
+    pub restarts: u32,
+    /// crash, hang or failover.
+    pub last_cause: Option<String>,
 }
 
-#[derive(Serialize)]
-struct Json<'a> {
-    runtime_dir: &'a str,
-    master_pid: i32,
-    whole: bool,
-    daemons: Vec<Row>,
-    rejected_by_master: u64,
-    rejected_by_watchdogs: u64,
+/// Everything `status`, `health` and `metrics` know about a running cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub schema: u32,
+    pub runtime_dir: String,
+    pub master_pid: i32,
+    /// Every slot running.
+    pub whole: bool,
+    pub timeout_ms: u64,
+    pub watchdogs_configured: u32,
+    pub daemons: Vec<Row>,
+    pub rejected_by_master: u64,
+    pub rejected_by_watchdogs: u64,
+    pub heartbeats_received: u64,
 }
 
-pub fn run(common: &Common, json: bool) -> Result<i32, String> {
-    let dir = common.runtime_dir()?;
+#[derive(Default)]
+struct Ages {
+    by_pid: HashMap<(SlotName, i32), u64>,
+    rejected: u64,
+    received: u64,
+}
+
+/// Asks the master and the watchdogs; Err if no master answers.
+pub fn snapshot(dir: &RuntimeDir) -> Result<Snapshot, String> {
     let report = match client::request(
         &dir.control_socket(),
         &Request::Status {},
@@ -51,34 +75,76 @@ pub fn run(common: &Common, json: bool) -> Result<i32, String> {
     ) {
         Ok(Response::Status(r)) => r,
         Ok(other) => return Err(format!("unexpected answer from the master: {other:?}")),
+        Err(e) => return Err(e),
+    };
+    let cfg = Config::load(&dir.config_file()).unwrap_or_default();
+    let ages = heartbeat_ages(dir, &report);
+    let daemons: Vec<Row> = report
+        .members
+        .iter()
+        .map(|m| row(m, &ages.by_pid, cfg.timeout_ms))
+        .collect();
+    Ok(Snapshot {
+        schema: 1,
+        whole: daemons.iter().all(|r| r.state == SlotState::Running),
+        runtime_dir: report.runtime_dir,
+        master_pid: report.master_pid,
+        timeout_ms: cfg.timeout_ms,
+        watchdogs_configured: cfg.watchdogs,
+        daemons,
+        rejected_by_master: report.rejected,
+        rejected_by_watchdogs: ages.rejected,
+        heartbeats_received: ages.received,
+    })
+}
+
+pub fn run(common: &Common, json: bool, watch: bool) -> Result<i32, String> {
+    let dir = common.runtime_dir()?;
+    if watch {
+        return watch_loop(&dir);
+    }
+    let snap = match snapshot(&dir) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("nexus is not running in {} ({e})", dir.display());
             return Ok(NOT_RUNNING);
         }
     };
-    let (ages, dog_rejected) = heartbeat_ages(&dir, &report);
-    let rows: Vec<Row> = report.members.iter().map(|m| row(m, &ages)).collect();
-    let whole = rows.iter().all(|r| r.state == SlotState::Running);
     if json {
-        let out = Json {
-            runtime_dir: &report.runtime_dir,
-            master_pid: report.master_pid,
-            whole,
-            daemons: rows,
-            rejected_by_master: report.rejected,
-            rejected_by_watchdogs: dog_rejected,
-        };
         println!(
             "{}",
-            serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+            serde_json::to_string_pretty(&snap).map_err(|e| e.to_string())?
         );
     } else {
-        print_table(&report, &rows, whole);
+        print!("{}", render(&snap, colours_wanted()));
     }
-    Ok(if whole { 0 } else { 1 })
+    Ok(if snap.whole { 0 } else { 1 })
 }
 
-fn row(m: &Member, ages: &HashMap<(SlotName, i32), u64>) -> Row {
+/// Redraws the table in place once a second (cursor home, clear to end), which is what
+/// `watch -n 1` did, without its flicker. Ends with Ctrl-C.
+fn watch_loop(dir: &RuntimeDir) -> Result<i32, String> {
+    let colour = colours_wanted();
+    let mut out = std::io::stdout();
+    // Bounded like every loop here: a week of seconds.
+    for _ in 0..604_800 {
+        let frame = match snapshot(dir) {
+            Ok(s) => render(&s, colour),
+            Err(e) => format!("nexus is not running in {} ({e})\n", dir.display()),
+        };
+        let stamp = crate::ledger::rfc3339_now();
+        let _ = write!(out, "\x1b[H\x1b[2J{stamp}  (Ctrl-C to quit)\n{frame}");
+        let _ = out.flush();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Ok(0)
+}
+
+fn colours_wanted() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+fn row(m: &Member, ages: &HashMap<(SlotName, i32), u64>, timeout_ms: u64) -> Row {
     let live = m.pid > 0;
     let hz = procscan::clock_ticks_per_sec() as f64;
     let uptime = live
@@ -106,6 +172,11 @@ fn row(m: &Member, ages: &HashMap<(SlotName, i32), u64>) -> Row {
         rss_kib: live.then(|| procscan::rss_kib(m.pid)).flatten(),
         // The master hears nothing itself; a slot's age is the freshest any watchdog saw.
         heartbeat_age_ms: ages.get(&(m.slot(), m.pid)).copied(),
+        silent: m.pid > 0
+            && !m.master
+            && ages
+                .get(&(m.slot(), m.pid))
+                .is_some_and(|&a| a > timeout_ms),
         restarts: m.restarts,
         last_cause: m.last_cause.clone(),
     }
@@ -113,13 +184,12 @@ fn row(m: &Member, ages: &HashMap<(SlotName, i32), u64>) -> Row {
 
 /// Asks every watchdog when it last heard each slot, from a private bound socket;
 /// returns the freshest age per (slot, pid) and the watchdogs' rejection counts.
-fn heartbeat_ages(dir: &RuntimeDir, report: &StatusReport) -> (HashMap<(SlotName, i32), u64>, u64) {
-    let mut ages = HashMap::new();
-    let mut rejected = 0;
+fn heartbeat_ages(dir: &RuntimeDir, report: &StatusReport) -> Ages {
+    let mut out = Ages::default();
     let path = dir.client_socket();
     let _ = std::fs::remove_file(&path);
     let Ok(sock) = UnixDatagram::bind(&path) else {
-        return (ages, rejected);
+        return out;
     };
     let dogs: Vec<u32> = report
         .members
@@ -143,12 +213,14 @@ fn heartbeat_ages(dir: &RuntimeDir, report: &StatusReport) -> (HashMap<(SlotName
         let Ok(n) = sock.recv(&mut buf) else { break };
         if let Ok(Datagram::Ages {
             entries,
-            rejected: r,
+            rejected,
+            received,
             ..
         }) = protocol::decode(&buf[..n], protocol::MAX_REPLY)
         {
             answered += 1;
-            rejected += r;
+            out.rejected += rejected;
+            out.received += received;
             for e in entries {
                 if let Some(age) = e.age_ms {
                     let key = (
@@ -158,7 +230,8 @@ fn heartbeat_ages(dir: &RuntimeDir, report: &StatusReport) -> (HashMap<(SlotName
                         },
                         e.pid,
                     );
-                    ages.entry(key)
+                    out.by_pid
+                        .entry(key)
                         .and_modify(|a: &mut u64| *a = (*a).min(age))
                         .or_insert(age);
                 }
@@ -166,36 +239,54 @@ fn heartbeat_ages(dir: &RuntimeDir, report: &StatusReport) -> (HashMap<(SlotName
         }
     }
     let _ = std::fs::remove_file(&path);
-    (ages, rejected)
+    out
 }
 
-fn print_table(report: &StatusReport, rows: &[Row], whole: bool) {
-    println!(
-        "nexus in {} — master pid {} — {}",
-        report.runtime_dir,
-        report.master_pid,
-        if whole {
-            "all daemons heartbeating"
+fn render(s: &Snapshot, colour: bool) -> String {
+    use std::fmt::Write as _;
+    let paint = |code: &str, text: &str| {
+        if colour {
+            format!("\x1b[{code}m{text}\x1b[0m")
         } else {
-            "DEGRADED"
+            text.to_string()
         }
+    };
+    let mut out = String::new();
+    let verdict = if s.whole {
+        paint("32", "all daemons heartbeating")
+    } else {
+        paint("31;1", "DEGRADED")
+    };
+    let _ = writeln!(
+        out,
+        "nexus in {} — master pid {} — {verdict}",
+        s.runtime_dir, s.master_pid
     );
-    println!(
+    let _ = writeln!(
+        out,
         "{:>8}  {:<13} {:>3}  {:>9}  {:>5}  {:>7}  {:<22} {:>8}  LAST CAUSE",
         "PID", "ROLE", "ID", "UPTIME", "CPU%", "MEM", "STATUS", "RESTARTS"
     );
-    for r in rows {
+    for r in &s.daemons {
         let role = if r.master {
             format!("{}*", r.role)
         } else {
             r.role.to_string()
         };
         let state = format!("{:?}", r.state).to_lowercase();
-        // The heartbeat age is the freshest any watchdog heard from this very pid.
         let status = match r.heartbeat_age_ms {
+            Some(a) if r.silent => format!("SILENT {:.1}s", a as f64 / 1000.0),
             Some(a) => format!("{state}, hb {:.1}s ago", a as f64 / 1000.0),
+            None if r.master => format!("{state}, master"),
             None if r.pid > 0 => format!("{state}, no hb yet"),
             None => state,
+        };
+        // Pad before painting: escape codes would otherwise break the column.
+        let status = format!("{status:<22}");
+        let status = match (r.state, r.silent) {
+            (_, true) | (SlotState::Failed | SlotState::Down, _) => paint("31", &status),
+            (SlotState::Starting | SlotState::Backoff, _) => paint("33", &status),
+            (SlotState::Running, false) => paint("32", &status),
         };
         let pid = if r.pid > 0 {
             r.pid.to_string()
@@ -205,8 +296,9 @@ fn print_table(report: &StatusReport, rows: &[Row], whole: bool) {
         let mem = r
             .rss_kib
             .map_or("-".into(), |k| format!("{:.1}M", k as f64 / 1024.0));
-        println!(
-            "{pid:>8}  {role:<13} {:>3}  {:>9}  {:>5}  {mem:>7}  {status:<22} {:>8}  {}",
+        let _ = writeln!(
+            out,
+            "{pid:>8}  {role:<13} {:>3}  {:>9}  {:>5}  {mem:>7}  {status} {:>8}  {}",
             r.id,
             r.uptime_s.map_or("-".into(), fmt_duration),
             r.cpu_percent.map_or("-".into(), |c| format!("{c:.1}")),
@@ -214,7 +306,11 @@ fn print_table(report: &StatusReport, rows: &[Row], whole: bool) {
             r.last_cause.as_deref().unwrap_or("-"),
         );
     }
-    println!("* master. hb: the freshest heartbeat any watchdog heard from that pid.");
+    let _ = writeln!(
+        out,
+        "* master. hb: the freshest heartbeat any watchdog heard from that pid."
+    );
+    out
 }
 
 fn fmt_duration(s: f64) -> String {

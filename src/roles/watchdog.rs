@@ -42,6 +42,8 @@ struct Watchdog {
     /// Earliest `due` among all slots: the loop sleeps until then. Heartbeats only move
     /// a slot's `due` later, so this stays a safe lower bound without rescanning per beat.
     next_check: Instant,
+    /// Heartbeats accepted, for `nexus metrics`.
+    received: u64,
     /// When the loop last ran, to notice that we ourselves were stopped or starved.
     last_wake: Instant,
     uid: u32,
@@ -84,6 +86,7 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         rejected: Rejections::new(),
         next_check: now + timeout,
         last_wake: now,
+        received: 0,
         uid: nix::unistd::geteuid().as_raw(),
         ctx,
     };
@@ -204,6 +207,7 @@ impl Watchdog {
                     if h.pid != pid {
                         log::debug!("first heartbeat from {slot} pid {pid}");
                     }
+                    self.received += 1;
                     h.last = now;
                     h.pid = pid;
                     h.heard = true;
@@ -247,6 +251,7 @@ impl Watchdog {
         let reply = protocol::encode(&Datagram::Ages {
             watchdog: self.ctx.slot.id,
             rejected: self.rejected.count,
+            received: self.received,
             entries,
         });
         if let Err(e) = self.sock.send_to(&reply, path) {

@@ -1,0 +1,141 @@
+//! `nexus health`: one verdict for probes and monitoring — HEALTHY (exit 0), DEGRADED
+//! (1), CRITICAL (2) or not running (3) — with the reasons.
+//!
+//! CRITICAL: no master answers while daemons of the directory run; or fewer than a
+//! majority of the configured watchdogs are running (hangs can no longer be judged).
+//! DEGRADED: any slot not running (starting, in backoff, failed, down), or a daemon
+//! silent for longer than the timeout (hung, about to be replaced).
+
+use serde::Serialize;
+
+use super::Common;
+use super::status::{self, Snapshot};
+use crate::config::Role;
+use crate::procscan;
+use crate::protocol::SlotState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    Healthy,
+    Degraded,
+    Critical,
+    #[serde(rename = "NOT RUNNING")]
+    NotRunning,
+}
+
+impl Verdict {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Verdict::Healthy => 0,
+            Verdict::Degraded => 1,
+            Verdict::Critical => 2,
+            Verdict::NotRunning => status::NOT_RUNNING,
+        }
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            Verdict::Healthy => "HEALTHY",
+            Verdict::Degraded => "DEGRADED",
+            Verdict::Critical => "CRITICAL",
+            Verdict::NotRunning => "NOT RUNNING",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Report {
+    health: Verdict,
+    reasons: Vec<String>,
+    runtime_dir: String,
+}
+
+/// The verdict for a snapshot of a cluster whose master answers.
+pub fn judge(s: &Snapshot) -> (Verdict, Vec<String>) {
+    let mut critical = Vec::new();
+    let mut degraded = Vec::new();
+    let dogs_running = s
+        .daemons
+        .iter()
+        .filter(|d| d.role == Role::Watchdog && d.state == SlotState::Running && !d.silent)
+        .count();
+    let majority = s.watchdogs_configured as usize / 2 + 1;
+    if dogs_running < majority {
+        critical.push(format!(
+            "only {dogs_running} of {} watchdogs running: no majority to judge hangs",
+            s.watchdogs_configured
+        ));
+    }
+    for d in &s.daemons {
+        let slot = format!("{}-{}", d.role, d.id);
+        if d.state != SlotState::Running {
+            let state = format!("{:?}", d.state).to_lowercase();
+            let cause = d
+                .last_cause
+                .as_deref()
+                .map_or(String::new(), |c| format!(" after a {c}"));
+            degraded.push(format!("{slot} is {state}{cause}"));
+        } else if d.silent {
+            let age = d.heartbeat_age_ms.unwrap_or(0) as f64 / 1000.0;
+            degraded.push(format!("{slot} (pid {}) silent for {age:.1} s", d.pid));
+        }
+    }
+    if !critical.is_empty() {
+        critical.extend(degraded);
+        (Verdict::Critical, critical)
+    } else if !degraded.is_empty() {
+        (Verdict::Degraded, degraded)
+    } else {
+        (
+            Verdict::Healthy,
+            vec![format!(
+                "{} daemons running, master pid {}",
+                s.daemons.len(),
+                s.master_pid
+            )],
+        )
+    }
+}
+
+pub fn run(common: &Common, json: bool) -> Result<i32, String> {
+    let dir = common.runtime_dir()?;
+    let (verdict, reasons) = match status::snapshot(&dir) {
+        Ok(s) => judge(&s),
+        Err(e) => {
+            let orphans = if dir.exists() {
+                procscan::daemons_of(dir.path()).len()
+            } else {
+                0
+            };
+            if orphans > 0 {
+                (
+                    Verdict::Critical,
+                    vec![format!("no master answers ({e}) but {orphans} daemons run")],
+                )
+            } else {
+                (
+                    Verdict::NotRunning,
+                    vec![format!("nothing runs in {}", dir.display())],
+                )
+            }
+        }
+    };
+    if json {
+        let r = Report {
+            health: verdict,
+            reasons,
+            runtime_dir: dir.display().to_string(),
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!("{}", verdict.word());
+        for r in &reasons {
+            println!("  - {r}");
+        }
+    }
+    Ok(verdict.exit_code())
+}
