@@ -89,6 +89,10 @@ pub struct Config {
     /// More than `restart_intensity` restarts within `restart_period_ms` marks a slot failed.
     pub restart_intensity: u32,
     pub restart_period_ms: u64,
+    /// Each daemon's log, and the ledger, are rotated past this size...
+    pub log_max_bytes: u64,
+    /// ...keeping this many older files.
+    pub log_files: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime_dir: Option<PathBuf>,
 }
@@ -107,6 +111,8 @@ impl Default for Config {
             backoff_max_ms: 30_000,
             restart_intensity: 10,
             restart_period_ms: 60_000,
+            log_max_bytes: 10_000_000,
+            log_files: 3,
             runtime_dir: None,
         }
     }
@@ -152,6 +158,11 @@ pub const KEYS: &[(&str, &str)] = &[
         "restart_period_ms",
         "the window restart_intensity counts over, in ms",
     ),
+    (
+        "log_max_bytes",
+        "rotate each daemon's log and the ledger past this size (10000-100000000000)",
+    ),
+    ("log_files", "rotated files kept per log (1-100)"),
     (
         "runtime_dir",
         "runtime directory (overridden by --runtime-dir and NEXUS_RUNTIME_DIR)",
@@ -201,6 +212,8 @@ impl Config {
             "backoff_max_ms" => self.backoff_max_ms = millis(key, value, 1, 3_600_000)?,
             "restart_intensity" => self.restart_intensity = count(key, value, 1, 1_000_000)?,
             "restart_period_ms" => self.restart_period_ms = millis(key, value, 1, 86_400_000)?,
+            "log_max_bytes" => self.log_max_bytes = millis(key, value, 10_000, 100_000_000_000)?,
+            "log_files" => self.log_files = count(key, value, 1, 100)?,
             "runtime_dir" => match value {
                 Value::String(s) if !s.is_empty() => self.runtime_dir = Some(PathBuf::from(s)),
                 Value::Null => self.runtime_dir = None,

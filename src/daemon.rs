@@ -25,6 +25,14 @@ pub struct DaemonCtx {
     pub pid: i32,
 }
 
+impl DaemonCtx {
+    /// This daemon's own log, rotated by size from its loop.
+    pub fn log(&self) -> crate::logfiles::DaemonLog {
+        let (max, keep) = (self.config.log_max_bytes, self.config.log_files);
+        crate::logfiles::DaemonLog::new(self.dir.log_file(self.slot), max, keep)
+    }
+}
+
 pub fn init_logging(tag: &str) {
     let tag = tag.to_string();
     let mut builder = env_logger::Builder::new();
@@ -151,6 +159,7 @@ impl Heartbeater {
             }
         }
         let heard = delivered + busy > 0 || self.targets.is_empty();
+        log::trace!("heartbeat {} taken by {delivered} watchdogs ({busy} busy)", self.seq);
         if heard && !self.ready_told {
             self.ready_told = send_request(
                 &self.control,

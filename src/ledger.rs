@@ -52,16 +52,41 @@ impl Event {
 
 pub struct Ledger {
     file: File,
+    path: std::path::PathBuf,
+    max_bytes: u64,
+    keep: u32,
 }
 
 impl Ledger {
-    pub fn open(path: &Path) -> io::Result<Ledger> {
-        let file = OpenOptions::new()
+    /// Opens for appending; rotated past `max_bytes`, keeping `keep` older files.
+    pub fn open(path: &Path, max_bytes: u64, keep: u32) -> io::Result<Ledger> {
+        let file = Self::open_file(path)?;
+        Ok(Ledger {
+            file,
+            path: path.to_path_buf(),
+            max_bytes,
+            keep,
+        })
+    }
+
+    fn open_file(path: &Path) -> io::Result<File> {
+        OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
-            .open(path)?;
-        Ok(Ledger { file })
+            .open(path)
+    }
+
+    fn rotate_if_full(&mut self) {
+        if self.file.metadata().is_ok_and(|m| m.len() < self.max_bytes) {
+            return;
+        }
+        let rotated = crate::logfiles::shift(&self.path, self.keep)
+            .and_then(|()| Self::open_file(&self.path));
+        match rotated {
+            Ok(f) => self.file = f,
+            Err(e) => log::warn!("cannot rotate the ledger: {e}"),
+        }
     }
 
     /// Appends one line with a single write, so concurrent readers never see half a line.
@@ -71,6 +96,7 @@ impl Ledger {
         if let Err(e) = self.file.write_all(&line) {
             log::warn!("cannot append to the event ledger: {e}");
         }
+        self.rotate_if_full();
     }
 }
 
@@ -115,9 +141,12 @@ impl History {
     /// Reads the ledger's tail since the last cluster start.
     pub fn read(path: &Path) -> History {
         let mut h = History::default();
-        let Some(text) = tail(path, 1 << 20) else {
+        // The newest rotated file first, so a rotation just before a takeover loses nothing.
+        let older = tail(Path::new(&format!("{}.1", path.display())), 1 << 20).unwrap_or_default();
+        let Some(current) = tail(path, 1 << 20) else {
             return h;
         };
+        let text = older + "\n" + &current;
         let mut failures: Vec<(SlotName, i32, String)> = Vec::new();
         let mut closed: HashSet<i32> = HashSet::new();
         for ev in text
@@ -241,7 +270,7 @@ mod tests {
     fn finds_the_last_master() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("events.jsonl");
-        let mut l = Ledger::open(&p).unwrap();
+        let mut l = Ledger::open(&p, 1 << 20, 3).unwrap();
         for (event, pid, id) in [
             ("started", 10, 1),
             ("spawned", 11, 2),
@@ -270,7 +299,7 @@ mod tests {
     fn history_finds_unclosed_failures() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("events.jsonl");
-        let mut l = Ledger::open(&p).unwrap();
+        let mut l = Ledger::open(&p, 1 << 20, 3).unwrap();
         let w = |id| (Some(Role::Workflow), Some(id));
         let mut put = |event: &str,
                        (role, id): (Option<Role>, Option<u32>),

@@ -6,6 +6,7 @@ mod commands;
 mod config;
 mod daemon;
 mod ledger;
+mod logfiles;
 mod procscan;
 mod protocol;
 mod roles;
@@ -30,6 +31,7 @@ Usage:
                                                       one row per daemon (exit 0 whole, 1 degraded, 3 not running);
                                                       --watch redraws it every second
   nexus health  [--json]                              HEALTHY, DEGRADED or CRITICAL (exit 0, 1, 2; 3 not running)
+  nexus logs    [ROLE-ID] [-n N] [-f]                 a daemon's log, or all merged by time; -f follows
   nexus events  [-n N] [--json] [--follow]            the event ledger (last 20 by default)
   nexus chaos   [--duration S] [--interval S] [--roles R,R] [--signal kill|stop|mixed]
                                                       kill random daemons, then check every failure
@@ -184,6 +186,20 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
         "health" => {
             no_positional(&positional)?;
             Ok(commands::health::run(&common, json)?)
+        }
+        "logs" => {
+            if positional.len() > 1 {
+                return Err(Failure::Usage(
+                    "logs takes at most one daemon name, like workflow-3".into(),
+                ));
+            }
+            commands::logs::run(
+                &common,
+                positional.first().map(String::as_str),
+                last,
+                follow,
+            )?;
+            Ok(0)
         }
         "events" => {
             no_positional(&positional)?;

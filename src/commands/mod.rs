@@ -3,6 +3,7 @@
 pub mod chaos;
 pub mod events;
 pub mod health;
+pub mod logs;
 pub mod start;
 pub mod status;
 pub mod stop;

@@ -127,6 +127,7 @@ struct Communicator {
     /// A standby's health check of the master.
     watch: Option<MasterWatch>,
     killed_master: Option<KilledMaster>,
+    log: crate::logfiles::DaemonLog,
     uid: u32,
 }
 
@@ -170,6 +171,7 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         handover: None,
         watch: None,
         killed_master: None,
+        log: ctx.log(),
         uid: nix::unistd::geteuid().as_raw(),
         ctx,
     };
@@ -188,10 +190,11 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     let mut events = Events::with_capacity(256);
     loop {
         let now = Instant::now();
-        if comm.heart.tick(now).is_some()
-            && let Some(m) = comm.master.as_ref()
-        {
-            m.lock.touch();
+        if comm.heart.tick(now).is_some() {
+            comm.log.maybe_rotate();
+            if let Some(m) = comm.master.as_ref() {
+                m.lock.touch();
+            }
         }
         let mut wake = comm.heart.next_due();
         if let Some(w) = comm.watch.as_mut() {
@@ -333,8 +336,12 @@ impl Communicator {
             .registry()
             .register(&mut listener, CONTROL, Interest::READABLE)
             .map_err(|e| format!("cannot poll the control socket: {e}"))?;
-        let ledger =
-            Ledger::open(&dir.events()).map_err(|e| format!("cannot open the ledger: {e}"))?;
+        let ledger = Ledger::open(
+            &dir.events(),
+            self.ctx.config.log_max_bytes,
+            self.ctx.config.log_files,
+        )
+        .map_err(|e| format!("cannot open the ledger: {e}"))?;
 
         let slots = self
             .ctx

@@ -97,9 +97,11 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     log::info!("watchdog {} listening on {}", dog.ctx.slot, path.display());
 
     let mut probe = MasterProbe::new(&dog.ctx);
+    let log = dog.ctx.log();
     let mut events = Events::with_capacity(64);
     loop {
         if heart.tick(Instant::now()).is_some() {
+            log.maybe_rotate();
             if act_on_probe(&dog.ctx, &mut probe) {
                 return Ok(());
             }

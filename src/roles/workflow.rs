@@ -18,11 +18,15 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     let mut heart =
         Heartbeater::new(&ctx).map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
     let mut probe = MasterProbe::new(&ctx);
+    let log = ctx.log();
     let mut events = Events::with_capacity(8);
     log::info!("workflow {} running", ctx.slot);
     loop {
-        if heart.tick(Instant::now()).is_some() && act_on_probe(&ctx, &mut probe) {
-            return Ok(());
+        if heart.tick(Instant::now()).is_some() {
+            log.maybe_rotate();
+            if act_on_probe(&ctx, &mut probe) {
+                return Ok(());
+            }
         }
         poll_until(&mut poll, &mut events, heart.next_due())?;
         if events.iter().any(|e| e.token() == SIGNALS) && signals.drain() {

@@ -1,0 +1,159 @@
+//! `nexus logs [ROLE-ID] [-n N] [-f]`: one daemon's log, or every daemon's merged by
+//! time; `-f` follows across rotations.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::Common;
+use crate::config::{Config, SlotName};
+use crate::logfiles;
+
+pub fn run(common: &Common, which: Option<&str>, last: usize, follow: bool) -> Result<(), String> {
+    let dir = common.runtime_dir()?;
+    let logs = dir.logs_dir();
+    let keep =
+        Config::load(&dir.config_file()).map_or(Config::default().log_files, |c| c.log_files);
+    let files: Vec<PathBuf> = match which {
+        Some(name) => {
+            let slot = SlotName::parse(name).ok_or_else(|| {
+                format!("`{name}` is not a daemon name (like workflow-3 or watchdog-1)")
+            })?;
+            let path = dir.log_file(slot);
+            if !path.exists() {
+                return Err(format!(
+                    "no log for {slot} in {} (known: {})",
+                    logs.display(),
+                    known(&logs).join(", ")
+                ));
+            }
+            vec![path]
+        }
+        None => {
+            let mut all: Vec<PathBuf> = known(&logs)
+                .iter()
+                .map(|n| logs.join(format!("{n}.log")))
+                .collect();
+            all.sort();
+            if all.is_empty() {
+                return Err(format!("no logs in {}", logs.display()));
+            }
+            all
+        }
+    };
+    // Lines start with an RFC 3339 timestamp, so sorting merges the files by time.
+    let mut lines: Vec<String> = files
+        .iter()
+        .flat_map(|f| tail_lines(f, keep, last))
+        .collect();
+    lines.sort();
+    for l in &lines[lines.len().saturating_sub(last)..] {
+        println!("{l}");
+    }
+    if follow {
+        follow_files(&files);
+    }
+    Ok(())
+}
+
+fn known(logs: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(logs) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".log")
+                .map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// The last `n` lines of a log, reaching into its rotated predecessors when short.
+fn tail_lines(path: &Path, keep: u32, n: usize) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut sources = vec![path.to_path_buf()];
+    sources.extend(logfiles::rotated(path, keep));
+    for src in sources {
+        if out.len() >= n {
+            break;
+        }
+        let text = read_tail(&src, 256 * 1024);
+        let mut older: Vec<String> = text.lines().map(str::to_string).collect();
+        older.append(&mut out);
+        out = older;
+    }
+    let skip = out.len().saturating_sub(n);
+    out.split_off(skip)
+}
+
+fn read_tail(path: &Path, max: u64) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    let _ = f.read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    // A cut first line is dropped rather than shown half.
+    if start > 0 {
+        text.split_once('\n')
+            .map_or(String::new(), |(_, rest)| rest.to_string())
+    } else {
+        text
+    }
+}
+
+/// Polls the files every 200 ms; a changed inode means the log was rotated: read the
+/// new file from its start. Ends with Ctrl-C (bounded: a week of polls).
+fn follow_files(files: &[PathBuf]) {
+    let mut pos: BTreeMap<PathBuf, (u64, u64)> = files
+        .iter()
+        .filter_map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .map(|m| (f.clone(), (m.ino(), m.len())))
+        })
+        .collect();
+    for _ in 0..3_024_000 {
+        std::thread::sleep(Duration::from_millis(200));
+        for f in files {
+            let Ok(meta) = std::fs::metadata(f) else {
+                continue;
+            };
+            let (ino, offset) = pos.get(f).copied().unwrap_or((meta.ino(), 0));
+            let offset = if ino != meta.ino() || meta.len() < offset {
+                0
+            } else {
+                offset
+            };
+            if meta.len() == offset {
+                pos.insert(f.clone(), (meta.ino(), offset));
+                continue;
+            }
+            let Ok(mut file) = File::open(f) else {
+                continue;
+            };
+            if file.seek(SeekFrom::Start(offset)).is_err() {
+                continue;
+            }
+            let mut chunk = Vec::new();
+            let _ = file.read_to_end(&mut chunk);
+            // Print whole lines only; a partial last line waits for the next poll.
+            let upto = chunk.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            print!("{}", String::from_utf8_lossy(&chunk[..upto]));
+            pos.insert(f.clone(), (meta.ino(), offset + upto as u64));
+        }
+    }
+}
