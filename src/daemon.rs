@@ -159,7 +159,10 @@ impl Heartbeater {
             }
         }
         let heard = delivered + busy > 0 || self.targets.is_empty();
-        log::trace!("heartbeat {} taken by {delivered} watchdogs ({busy} busy)", self.seq);
+        log::trace!(
+            "heartbeat {} taken by {delivered} watchdogs ({busy} busy)",
+            self.seq
+        );
         if heard && !self.ready_told {
             self.ready_told = send_request(
                 &self.control,

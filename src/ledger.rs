@@ -135,6 +135,8 @@ pub struct History {
     pub last_pid: HashMap<SlotName, i32>,
     /// (slot, failed pid, cause), oldest first.
     pub unclosed: Vec<(SlotName, i32, String)>,
+    /// What `nexus metrics` counts, since the cluster started.
+    pub counters: crate::counters::Counters,
 }
 
 impl History {
@@ -166,12 +168,20 @@ impl History {
                         h.last_pid.insert(s, p);
                     }
                 }
-                ("spawned" | "leader", Some(s), Some(p)) => {
+                ("spawned", Some(s), Some(p)) => {
                     h.last_pid.insert(s, p);
                 }
                 ("respawned", Some(s), Some(p)) => {
                     h.last_pid.insert(s, p);
                     closed.extend(ev.old_pid);
+                    let cause = ev.cause.as_deref().unwrap_or("crash");
+                    h.counters.record_recovery(s.role, cause, ev.recover_ms);
+                }
+                ("leader", ..) => {
+                    h.counters.leader_changes += 1;
+                    if let (Some(s), Some(p)) = (slot, ev.pid) {
+                        h.last_pid.insert(s, p);
+                    }
                 }
                 ("exited", Some(s), Some(p)) if ev.cause.is_some() => {
                     failures.push((s, p, ev.cause.clone().unwrap_or_default()));

@@ -4,6 +4,7 @@
 mod client;
 mod commands;
 mod config;
+mod counters;
 mod daemon;
 mod ledger;
 mod logfiles;
@@ -32,6 +33,7 @@ Usage:
                                                       --watch redraws it every second
   nexus health  [--json]                              HEALTHY, DEGRADED or CRITICAL (exit 0, 1, 2; 3 not running)
   nexus logs    [ROLE-ID] [-n N] [-f]                 a daemon's log, or all merged by time; -f follows
+  nexus metrics                                       Prometheus text: daemons, restarts, heartbeats, recoveries
   nexus events  [-n N] [--json] [--follow]            the event ledger (last 20 by default)
   nexus chaos   [--duration S] [--interval S] [--roles R,R] [--signal kill|stop|mixed]
                                                       kill random daemons, then check every failure
@@ -200,6 +202,10 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
                 follow,
             )?;
             Ok(0)
+        }
+        "metrics" => {
+            no_positional(&positional)?;
+            Ok(commands::metrics::run(&common)?)
         }
         "events" => {
             no_positional(&positional)?;

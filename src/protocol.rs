@@ -135,6 +135,8 @@ pub struct StatusReport {
     pub members: Vec<Member>,
     /// Requests refused by the master (garbage, wrong uid, stale reports).
     pub rejected: u64,
+    #[serde(default)]
+    pub counters: crate::counters::Counters,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -10,18 +10,29 @@ use common::*;
 
 #[test]
 fn logs_rotate_and_stay_bounded() {
-    let c = Cluster::new(r#"{"interval_ms": 10, "timeout_ms": 1000, "log_max_bytes": 10000, "log_files": 2}"#);
+    let c = Cluster::new(
+        r#"{"interval_ms": 10, "timeout_ms": 1000, "log_max_bytes": 10000, "log_files": 2}"#,
+    );
     c.start_env(&[("RUST_LOG", "trace")]);
     let logs = c.path().join("logs");
-    wait_until("workflow-1.log rotated twice", Duration::from_secs(20), || logs.join("workflow-1.log.2").exists());
+    wait_until(
+        "workflow-1.log rotated twice",
+        Duration::from_secs(20),
+        || logs.join("workflow-1.log.2").exists(),
+    );
     // Keep going a little: the oldest files must be dropped, not accumulate.
     let first = std::fs::read_to_string(logs.join("workflow-1.log.2")).unwrap();
     wait_until("the oldest file replaced", Duration::from_secs(20), || {
         std::fs::read_to_string(logs.join("workflow-1.log.2")).is_ok_and(|t| t != first)
     });
-    assert!(!logs.join("workflow-1.log.3").exists(), "only log_files old files are kept");
+    assert!(
+        !logs.join("workflow-1.log.3").exists(),
+        "only log_files old files are kept"
+    );
     for n in ["workflow-1.log", "workflow-1.log.1", "workflow-1.log.2"] {
-        let size = std::fs::metadata(logs.join(n)).map(|m| m.len()).unwrap_or(0);
+        let size = std::fs::metadata(logs.join(n))
+            .map(|m| m.len())
+            .unwrap_or(0);
         // The limit plus what one interval can write before the next check.
         assert!(size < 20_000, "{n} is {size} bytes");
     }
@@ -49,7 +60,11 @@ fn logs_of_all_daemons_merge_and_follow() {
 
     let bad = c.nexus(&["logs", "chef-1"]);
     assert_eq!(bad.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a daemon name"), "{}", text(&bad));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("not a daemon name"),
+        "{}",
+        text(&bad)
+    );
 
     // -f shows what happens next: a killed workflow's replacement logs its start.
     let mut follower = std::process::Command::new(NEXUS)
@@ -63,7 +78,11 @@ fn logs_of_all_daemons_merge_and_follow() {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 || tx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).is_err() {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+            {
                 break;
             }
         }
@@ -80,5 +99,8 @@ fn logs_of_all_daemons_merge_and_follow() {
     }
     let _ = follower.kill();
     let _ = follower.wait();
-    assert!(seen.contains(&format!("[{new}]")), "followed the new pid's lines: {seen:?}");
+    assert!(
+        seen.contains(&format!("[{new}]")),
+        "followed the new pid's lines: {seen:?}"
+    );
 }

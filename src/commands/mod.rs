@@ -4,6 +4,7 @@ pub mod chaos;
 pub mod events;
 pub mod health;
 pub mod logs;
+pub mod metrics;
 pub mod start;
 pub mod status;
 pub mod stop;

@@ -57,6 +57,17 @@ pub struct Snapshot {
     pub rejected_by_master: u64,
     pub rejected_by_watchdogs: u64,
     pub heartbeats_received: u64,
+    /// Per watchdog: heartbeats received and datagrams rejected since it started.
+    pub watchdogs: Vec<WatchdogCounters>,
+    /// The master's counts since the cluster started (restarts, recoveries, leaders).
+    pub counters: crate::counters::Counters,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WatchdogCounters {
+    pub id: u32,
+    pub received: u64,
+    pub rejected: u64,
 }
 
 #[derive(Default)]
@@ -64,6 +75,7 @@ struct Ages {
     by_pid: HashMap<(SlotName, i32), u64>,
     rejected: u64,
     received: u64,
+    per_watchdog: Vec<WatchdogCounters>,
 }
 
 /// Asks the master and the watchdogs; Err if no master answers.
@@ -95,6 +107,8 @@ pub fn snapshot(dir: &RuntimeDir) -> Result<Snapshot, String> {
         rejected_by_master: report.rejected,
         rejected_by_watchdogs: ages.rejected,
         heartbeats_received: ages.received,
+        watchdogs: ages.per_watchdog,
+        counters: report.counters,
     })
 }
 
@@ -215,12 +229,17 @@ fn heartbeat_ages(dir: &RuntimeDir, report: &StatusReport) -> Ages {
             entries,
             rejected,
             received,
-            ..
+            watchdog,
         }) = protocol::decode(&buf[..n], protocol::MAX_REPLY)
         {
             answered += 1;
             out.rejected += rejected;
             out.received += received;
+            out.per_watchdog.push(WatchdogCounters {
+                id: watchdog,
+                received,
+                rejected,
+            });
             for e in entries {
                 if let Some(age) = e.age_ms {
                     let key = (
@@ -239,6 +258,7 @@ fn heartbeat_ages(dir: &RuntimeDir, report: &StatusReport) -> Ages {
         }
     }
     let _ = std::fs::remove_file(&path);
+    out.per_watchdog.sort_by_key(|w| w.id);
     out
 }
 

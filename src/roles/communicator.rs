@@ -116,6 +116,7 @@ struct Master {
     stopping: bool,
     rejected: Rejections,
     whole_logged: bool,
+    counters: crate::counters::Counters,
 }
 
 struct Communicator {
@@ -370,6 +371,14 @@ impl Communicator {
             stopping: false,
             rejected: Rejections::new(),
             whole_logged: false,
+            // A successor carries the counts on from the ledger; this takeover is one more.
+            counters: if fresh {
+                crate::counters::Counters::default()
+            } else {
+                let mut c = history.counters.clone();
+                c.leader_changes += 1;
+                c
+            },
         };
         let me = self
             .ctx
@@ -521,24 +530,42 @@ impl Master {
                 // A live process already fills the slot (adopted, or ourselves): these
                 // failures were recovered before the old master could record it.
                 let pid = current.unwrap_or(0);
+                let detail = if name == t.me {
+                    "filled by the new master itself"
+                } else {
+                    "replacement adopted by a new master"
+                };
                 for r in failures {
-                    let mut ev = Event::new("respawned");
-                    ev.role = Some(name.role);
-                    ev.id = Some(name.id);
-                    ev.pid = Some(pid);
-                    ev.old_pid = Some(r.old_pid);
-                    ev.cause = Some(r.cause.as_str().into());
-                    ev.detail = Some(if name == t.me {
-                        "filled by the new master itself".into()
-                    } else {
-                        "replacement adopted by a new master".into()
-                    });
-                    self.ledger.append(&ev);
+                    // When it became ready is unknown: no recover_ms.
+                    self.record_respawn(name, pid, &r, None, Some(detail));
                 }
             } else {
                 self.slots[i].pending = failures;
             }
         }
+    }
+
+    /// The one place a recovery is closed: its ledger line and its count.
+    fn record_respawn(
+        &mut self,
+        name: SlotName,
+        pid: i32,
+        rec: &Recovery,
+        recover_ms: Option<f64>,
+        detail: Option<&str>,
+    ) {
+        let mut ev = Event::new("respawned");
+        ev.role = Some(name.role);
+        ev.id = Some(name.id);
+        ev.pid = Some(pid);
+        ev.old_pid = Some(rec.old_pid);
+        ev.cause = Some(rec.cause.as_str().into());
+        ev.detect_ms = rec.detect_ms.map(round3);
+        ev.recover_ms = recover_ms;
+        ev.detail = detail.map(str::to_string);
+        self.ledger.append(&ev);
+        self.counters
+            .record_recovery(name.role, rec.cause.as_str(), recover_ms);
     }
 
     /// Takes over every running daemon of the directory: one pidfd each, so their exits
@@ -923,15 +950,8 @@ impl Master {
         };
         proc.ready = true;
         for rec in std::mem::take(&mut slot.pending) {
-            let mut ev = Event::new("respawned");
-            ev.role = Some(name.role);
-            ev.id = Some(name.id);
-            ev.pid = Some(pid);
-            ev.old_pid = Some(rec.old_pid);
-            ev.cause = Some(rec.cause.as_str().into());
-            ev.detect_ms = rec.detect_ms.map(round3);
-            ev.recover_ms = Some(round3(rec.detected.elapsed().as_secs_f64() * 1000.0));
-            self.ledger.append(&ev);
+            let recover_ms = round3(rec.detected.elapsed().as_secs_f64() * 1000.0);
+            self.record_respawn(name, pid, &rec, Some(recover_ms), None);
         }
         if !self.whole_logged
             && self
@@ -1082,6 +1102,7 @@ impl Master {
             runtime_dir: ctx.dir.path().display().to_string(),
             members: self.members(ctx),
             rejected: self.rejected.count,
+            counters: self.counters.clone(),
         }
     }
 }
