@@ -48,7 +48,9 @@ pub fn spawn_daemon(exe: &Path, slot: SlotName, dir: &RuntimeDir) -> io::Result<
         .env_remove(ENV_FRESH_START)
         .env_remove(ENV_LEADER_FD)
         .env_remove(ENV_TAKEOVER_FROM)
-        .current_dir("/")
+        // No current_dir: daemons inherit "/" from the master, and setting it would need
+        // posix_spawn_file_actions_addchdir_np, which std cannot find in a static binary,
+        // so it would fall back from posix_spawn (vfork) to a full fork on every respawn.
         .spawn()?;
     let pid = child.id() as i32;
     // Our own unreaped child cannot have its pid reused, so this pidfd is for it.
