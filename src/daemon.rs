@@ -26,6 +26,18 @@ pub struct DaemonCtx {
 }
 
 impl DaemonCtx {
+    /// Re-reads config.json after a SIGHUP. Ok(false): our slot is gone (scaled away;
+    /// the master also SIGTERMs us), so the caller should exit.
+    pub fn reload_config(&mut self) -> Result<bool, String> {
+        let cfg = Config::load(&self.dir.config_file()).map_err(|e| e.to_string())?;
+        if cfg.slot_index(self.slot).is_none() {
+            return Ok(false);
+        }
+        log::info!("config reloaded");
+        self.config = cfg;
+        Ok(true)
+    }
+
     /// This daemon's own log, rotated by size from its loop.
     pub fn log(&self) -> crate::logfiles::DaemonLog {
         let (max, keep) = (self.config.log_max_bytes, self.config.log_files);
@@ -60,6 +72,7 @@ pub fn init_logging(tag: &str) {
 pub struct Signals {
     pub source: MioStream,
     terminate: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reload: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Signals {
@@ -72,11 +85,14 @@ impl Signals {
             signal_hook::flag::register(sig, terminate.clone())?;
             signal_hook::low_level::pipe::register(sig, write.try_clone()?)?;
         }
-        // Daemons are detached: a hangup means nothing to them.
+        // SIGHUP: the master changed config.json (reload, scale); re-read it.
+        let reload = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
         signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, write)?;
         Ok(Signals {
             source: MioStream::from_std(read),
             terminate,
+            reload,
         })
     }
 
@@ -85,6 +101,11 @@ impl Signals {
         let mut buf = [0u8; 64];
         while matches!(self.source.read(&mut buf), Ok(n) if n > 0) {}
         self.terminate.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether a SIGHUP arrived since the last call.
+    pub fn take_reload(&self) -> bool {
+        self.reload.swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 }
 

@@ -34,6 +34,9 @@ Usage:
   nexus health  [--json]                              HEALTHY, DEGRADED or CRITICAL (exit 0, 1, 2; 3 not running)
   nexus logs    [ROLE-ID] [-n N] [-f]                 a daemon's log, or all merged by time; -f follows
   nexus metrics                                       Prometheus text: daemons, restarts, heartbeats, recoveries
+  nexus scale   ROLE=N [ROLE=N ...]                  change counts of a running cluster (workflow=8 watchdog=5)
+  nexus reload  [--config PATH]                       apply a changed config; a bad one is refused, nothing touched
+  nexus restart ROLE-ID                               replace one daemon on purpose (the master hands over)
   nexus events  [-n N] [--json] [--follow]            the event ledger (last 20 by default)
   nexus chaos   [--duration S] [--interval S] [--roles R,R] [--signal kill|stop|mixed]
                                                       kill random daemons, then check every failure
@@ -206,6 +209,24 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
         "metrics" => {
             no_positional(&positional)?;
             Ok(commands::metrics::run(&common)?)
+        }
+        "restart" => match positional.as_slice() {
+            [name] => {
+                commands::steer::restart(&common, name)?;
+                Ok(0)
+            }
+            _ => Err(Failure::Usage(
+                "restart takes one daemon name, like workflow-3".into(),
+            )),
+        },
+        "reload" => {
+            no_positional(&positional)?;
+            commands::steer::reload(&common)?;
+            Ok(0)
+        }
+        "scale" => {
+            commands::steer::scale(&common, &positional)?;
+            Ok(0)
         }
         "events" => {
             no_positional(&positional)?;

@@ -14,7 +14,7 @@ pub const VERSION: u32 = 1;
 /// Largest datagram a watchdog accepts; anything longer is garbage by definition.
 pub const MAX_DATAGRAM: usize = 512;
 /// Largest request line the master accepts on the control socket.
-pub const MAX_REQUEST: usize = 4096;
+pub const MAX_REQUEST: usize = 16 * 1024;
 /// Largest reply a client accepts (a status of thousands of daemons).
 pub const MAX_REPLY: usize = 8 << 20;
 
@@ -74,6 +74,15 @@ pub enum Request {
         pid: i32,
         silent_ms: u64,
     },
+    /// `nexus restart ROLE-ID`: replace one daemon on purpose.
+    Restart {
+        role: Role,
+        id: u32,
+    },
+    /// `nexus reload` / `nexus scale`: apply this config (JSON) to the running cluster.
+    Reload {
+        config: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +94,10 @@ pub enum Response {
         members: Vec<Member>,
     },
     Ok {},
+    /// What a restart or reload set in motion, one line per change.
+    Applied {
+        changes: Vec<String>,
+    },
     Error {
         message: String,
     },

@@ -135,6 +135,22 @@ impl RuntimeDir {
         self.path.join("config.json")
     }
 
+    /// Replaces config.json atomically (write, then rename): a daemon starting meanwhile
+    /// reads the old config or the new one, never half of one.
+    pub fn write_config(&self, cfg: &crate::config::Config) -> io::Result<()> {
+        use std::io::Write;
+        let path = self.config_file();
+        let tmp = path.with_extension("tmp");
+        let mut f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(cfg.to_json().as_bytes())?;
+        fs::rename(tmp, path)
+    }
+
     /// Present while `stop` runs: a communicator that wins the lock then must not
     /// resurrect the cluster being stopped.
     pub fn stopping_marker(&self) -> PathBuf {

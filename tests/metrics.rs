@@ -27,18 +27,29 @@ fn metrics_count_what_happened_and_pass_promtool() {
     let victim = c.pid_of("workflow", 4).unwrap();
     signal(victim, libc::SIGKILL);
     c.wait_replaced("workflow", 4, victim);
-    wait_until("recovery recorded", Duration::from_secs(5), || !c.recoveries_of(victim).is_empty());
+    wait_until("recovery recorded", Duration::from_secs(5), || {
+        !c.recoveries_of(victim).is_empty()
+    });
     let old_master = c.master_pid();
     signal(old_master, libc::SIGKILL);
     c.wait_whole(10, Duration::from_secs(10));
     wait_until("the failover counted", Duration::from_secs(5), || {
-        value(&metrics(&c), r#"nexus_restarts_total{role="communicator",cause="failover"}"#) >= 1.0
+        value(
+            &metrics(&c),
+            r#"nexus_restarts_total{role="communicator",cause="failover"}"#,
+        ) >= 1.0
     });
     let m = metrics(&c);
     assert_eq!(value(&m, "nexus_up"), 1.0);
-    assert_eq!(value(&m, r#"nexus_daemons{role="workflow",state="running"}"#), 5.0);
+    assert_eq!(
+        value(&m, r#"nexus_daemons{role="workflow",state="running"}"#),
+        5.0
+    );
     // Counted by the first master, carried over by the second from the ledger.
-    assert_eq!(value(&m, r#"nexus_restarts_total{role="workflow",cause="crash"}"#), 1.0);
+    assert_eq!(
+        value(&m, r#"nexus_restarts_total{role="workflow",cause="crash"}"#),
+        1.0
+    );
     assert_eq!(value(&m, "nexus_leader_changes_total"), 1.0);
     assert!(value(&m, "nexus_recovery_seconds_count") >= 1.0);
     assert!(value(&m, r#"nexus_heartbeats_received_total{watchdog="1"}"#) > 0.0);
@@ -55,8 +66,12 @@ fn metrics_count_what_happened_and_pass_promtool() {
             let out = child.wait_with_output().unwrap();
             assert!(out.status.success(), "promtool: {}\n{m}", text(&out));
         }
-        Err(_) if std::env::var_os("CI").is_some() => panic!("promtool missing in CI (.ci/run installs it)"),
-        Err(_) => eprintln!("promtool not installed: exposition checked by the assertions above only"),
+        Err(_) if std::env::var_os("CI").is_some() => {
+            panic!("promtool missing in CI (.ci/run installs it)")
+        }
+        Err(_) => {
+            eprintln!("promtool not installed: exposition checked by the assertions above only")
+        }
     }
 }
 

@@ -7,6 +7,7 @@ pub mod logs;
 pub mod metrics;
 pub mod start;
 pub mod status;
+pub mod steer;
 pub mod stop;
 
 use std::path::{Path, PathBuf};

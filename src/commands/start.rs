@@ -1,7 +1,6 @@
 //! `nexus start`: check the config and the directory, start the master detached, and
 //! return once every daemon is up and heartbeating.
 
-use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -43,7 +42,7 @@ pub fn run(common: &Common) -> Result<(), String> {
     // Leftovers of a crashed run are not a reason to refuse: nothing owns them.
     dir.remove_sockets();
     let _ = std::fs::remove_file(dir.stopping_marker());
-    write_private(&dir.config_file(), cfg.to_json().as_bytes())
+    dir.write_config(&cfg)
         .map_err(|e| format!("cannot write {}: {e}", dir.config_file().display()))?;
 
     let t0 = Instant::now();
@@ -131,18 +130,6 @@ pub fn run(common: &Common) -> Result<(), String> {
         last_missing.join(", "),
         dir.logs_dir().display()
     ))
-}
-
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    std::fs::rename(tmp, path)
 }
 
 fn last_line(path: &std::path::Path) -> String {

@@ -45,6 +45,8 @@ enum Cause {
     Crash,
     Hang,
     Failover,
+    /// `nexus restart`: a replacement on purpose, not a failure.
+    Manual,
 }
 
 impl Cause {
@@ -53,6 +55,7 @@ impl Cause {
             Cause::Crash => "crash",
             Cause::Hang => "hang",
             Cause::Failover => "failover",
+            Cause::Manual => "manual",
         }
     }
 }
@@ -81,6 +84,15 @@ struct Proc {
     votes: Vec<u32>,
     /// Set once we have decided to kill it for a hang.
     killing: Option<Recovery>,
+    /// The pidfd's token in our poll (Token(0) for ourselves: not watched).
+    token: Token,
+    /// Stopped on purpose (`nexus restart`): its exit is not a failure.
+    manual: bool,
+    /// SIGTERMed on purpose: SIGKILL at this time if still alive.
+    kill_at: Option<Instant>,
+    /// The config changed before it was ready: SIGHUP it once it is (earlier, before its
+    /// handlers exist, SIGHUP would kill it).
+    reload_when_ready: bool,
 }
 
 struct Slot {
@@ -117,6 +129,16 @@ struct Master {
     rejected: Rejections,
     whole_logged: bool,
     counters: crate::counters::Counters,
+    /// pidfd tokens → the slot whose process they watch. Tokens are never reused, so a
+    /// resize (which moves slot indices) cannot misroute an exit.
+    tokens: HashMap<Token, SlotName>,
+    next_token: usize,
+    /// Processes of slots removed by a scale-down, being stopped.
+    retiring: HashMap<Token, (SlotName, Proc)>,
+    /// A validated config from `reload`/`scale`, applied by the loop after this event.
+    pending_config: Option<crate::config::Config>,
+    /// `nexus restart` of the master itself: exit after answering, a standby takes over.
+    hand_over: bool,
 }
 
 struct Communicator {
@@ -206,6 +228,7 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         }
         if let Some(m) = comm.master.as_mut() {
             m.run_due_restarts(&comm.ctx, &comm.poll, now);
+            m.escalate_kills(now);
             if let Some(t) = m.next_deadline() {
                 wake = wake.min(t);
             }
@@ -218,6 +241,9 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
                         comm.terminate();
                         return Ok(());
                     }
+                    if signals.take_reload() && comm.master.is_none() {
+                        comm.reload_as_standby()?;
+                    }
                 }
                 LOCK_HANDOVER => comm.on_handover()?,
                 t => {
@@ -229,6 +255,14 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         }
         if let Some(m) = comm.master.as_mut() {
             m.expire_conns(&comm.poll);
+        }
+        if let Some(cfg) = comm.master.as_mut().and_then(|m| m.pending_config.take()) {
+            comm.apply_config(cfg)?;
+        }
+        if comm.master.as_ref().is_some_and(|m| m.hand_over) {
+            log::info!("restart requested: handing over to a standby");
+            comm.terminate();
+            return Ok(());
         }
     }
 }
@@ -344,23 +378,7 @@ impl Communicator {
         )
         .map_err(|e| format!("cannot open the ledger: {e}"))?;
 
-        let slots = self
-            .ctx
-            .config
-            .slots()
-            .into_iter()
-            .map(|name| Slot {
-                name,
-                proc: None,
-                pending: Vec::new(),
-                restart_at: None,
-                recent_restarts: VecDeque::new(),
-                quick_failures: 0,
-                failed: false,
-                restarts: 0,
-                last_cause: None,
-            })
-            .collect();
+        let slots = self.ctx.config.slots().into_iter().map(Slot::new).collect();
         let mut m = Master {
             lock,
             listener,
@@ -371,6 +389,11 @@ impl Communicator {
             stopping: false,
             rejected: Rejections::new(),
             whole_logged: false,
+            tokens: HashMap::new(),
+            next_token: PIDFD_BASE,
+            retiring: HashMap::new(),
+            pending_config: None,
+            hand_over: false,
             // A successor carries the counts on from the ledger; this takeover is one more.
             counters: if fresh {
                 crate::counters::Counters::default()
@@ -394,6 +417,10 @@ impl Communicator {
             ready: true,
             votes: Vec::new(),
             killing: None,
+            token: Token(0),
+            manual: false,
+            kill_at: None,
+            reload_when_ready: false,
         });
         self.heart.mark_ready_told();
         m.adopt(&self.ctx, &self.poll);
@@ -449,6 +476,50 @@ impl Communicator {
         }
         self.master = Some(m);
         Ok(())
+    }
+
+    /// The master applies a reload or scale: config.json first (new daemons read it),
+    /// then our own view, then the slots; every daemon is told with a SIGHUP.
+    fn apply_config(&mut self, cfg: crate::config::Config) -> Result<(), String> {
+        self.ctx
+            .dir
+            .write_config(&cfg)
+            .map_err(|e| format!("cannot write config.json: {e}"))?;
+        let changes = config_changes(&self.ctx.config, &cfg);
+        self.ctx.config = cfg;
+        self.heart = Heartbeater::new(&self.ctx)
+            .map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
+        self.heart.mark_ready_told();
+        self.log = self.ctx.log();
+        if let Some(m) = self.master.as_mut() {
+            let mut ev = Event::new("reloaded");
+            ev.detail = Some(changes.join("; "));
+            m.ledger.append(&ev);
+            m.whole_logged = false;
+            m.resize(&self.ctx, &self.poll);
+        }
+        Ok(())
+    }
+
+    fn reload_as_standby(&mut self) -> Result<(), String> {
+        match self.ctx.reload_config() {
+            Ok(true) => {
+                self.heart = Heartbeater::new(&self.ctx)
+                    .map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
+                self.heart.mark_ready_told();
+                self.watch = Some(MasterWatch::new(&self.ctx));
+                self.log = self.ctx.log();
+                Ok(())
+            }
+            Ok(false) => {
+                log::info!("our slot was scaled away");
+                std::process::exit(0);
+            }
+            Err(e) => {
+                log::warn!("cannot reload the config: {e}");
+                Ok(())
+            }
+        }
     }
 
     fn terminate(&mut self) {
@@ -554,7 +625,12 @@ impl Master {
         recover_ms: Option<f64>,
         detail: Option<&str>,
     ) {
-        let mut ev = Event::new("respawned");
+        // A restart asked for is recorded as such, never as a failure's recovery.
+        let mut ev = Event::new(if rec.cause == Cause::Manual {
+            "restarted"
+        } else {
+            "respawned"
+        });
         ev.role = Some(name.role);
         ev.id = Some(name.id);
         ev.pid = Some(pid);
@@ -604,23 +680,15 @@ impl Master {
                 }
                 if let Some(old) = self.slots[i].proc.take() {
                     log::warn!("killing duplicate {} pid {}", found.slot, old.pid);
+                    self.unwatch(poll, &old);
                     if let Some(ofd) = &old.pidfd {
-                        let _ = poll.registry().deregister(&mut SourceFd(&ofd.as_raw_fd()));
                         let _ = spawn::pidfd_signal(ofd, libc::SIGKILL);
                     }
                 }
             }
-            if poll
-                .registry()
-                .register(
-                    &mut SourceFd(&fd.as_raw_fd()),
-                    Token(PIDFD_BASE + i),
-                    Interest::READABLE,
-                )
-                .is_err()
-            {
+            let Ok(token) = self.watch(poll, &fd, found.slot) else {
                 continue;
-            }
+            };
             let now = Instant::now();
             self.slots[i].proc = Some(Proc {
                 pid: found.pid,
@@ -632,9 +700,34 @@ impl Master {
                 ready: true,
                 votes: Vec::new(),
                 killing: None,
+                token,
+                manual: false,
+                kill_at: None,
+                reload_when_ready: false,
             });
             log::info!("adopted {} pid {}", found.slot, found.pid);
         }
+    }
+
+    /// Registers a daemon's pidfd under a fresh token, so its exit wakes the loop.
+    fn watch(&mut self, poll: &Poll, fd: &OwnedFd, name: SlotName) -> io::Result<Token> {
+        let token = Token(self.next_token);
+        self.next_token = if self.next_token + 1 >= CONN_BASE {
+            PIDFD_BASE
+        } else {
+            self.next_token + 1
+        };
+        poll.registry()
+            .register(&mut SourceFd(&fd.as_raw_fd()), token, Interest::READABLE)?;
+        self.tokens.insert(token, name);
+        Ok(token)
+    }
+
+    fn unwatch(&mut self, poll: &Poll, proc: &Proc) {
+        if let Some(fd) = &proc.pidfd {
+            let _ = poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
+        }
+        self.tokens.remove(&proc.token);
     }
 
     fn spawn_slot(&mut self, ctx: &DaemonCtx, poll: &Poll, i: usize) {
@@ -642,16 +735,15 @@ impl Master {
         self.slots[i].restart_at = None;
         match spawn::spawn_daemon(&ctx.exe, name, &ctx.dir) {
             Ok((pid, fd)) => {
-                if let Err(e) = poll.registry().register(
-                    &mut SourceFd(&fd.as_raw_fd()),
-                    Token(PIDFD_BASE + i),
-                    Interest::READABLE,
-                ) {
-                    log::error!("cannot watch {name} pid {pid}: {e}; killing it");
-                    let _ = spawn::pidfd_signal(&fd, libc::SIGKILL);
-                    self.schedule_retry(ctx, i);
-                    return;
-                }
+                let token = match self.watch(poll, &fd, name) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        log::error!("cannot watch {name} pid {pid}: {e}; killing it");
+                        let _ = spawn::pidfd_signal(&fd, libc::SIGKILL);
+                        self.schedule_retry(ctx, i);
+                        return;
+                    }
+                };
                 self.slots[i].proc = Some(Proc {
                     pid,
                     pidfd: Some(fd),
@@ -661,6 +753,10 @@ impl Master {
                     ready: false,
                     votes: Vec::new(),
                     killing: None,
+                    token,
+                    manual: false,
+                    kill_at: None,
+                    reload_when_ready: false,
                 });
                 let mut ev = Event::new("spawned");
                 ev.role = Some(name.role);
@@ -694,14 +790,24 @@ impl Master {
     fn next_deadline(&self) -> Option<Instant> {
         let restarts = self.slots.iter().filter_map(|s| s.restart_at);
         let conns = self.conns.values().map(|c| c.opened + CONN_TIMEOUT);
-        restarts.chain(conns).min()
+        let kills = self.slots.iter().filter_map(|s| s.proc.as_ref()?.kill_at);
+        let retiring = self.retiring.values().filter_map(|(_, p)| p.kill_at);
+        restarts.chain(conns).chain(kills).chain(retiring).min()
     }
 
     fn on_event(&mut self, ctx: &DaemonCtx, poll: &Poll, token: Token, uid: u32) {
         match token {
             CONTROL => self.accept_all(poll, uid),
             Token(t) if (PIDFD_BASE..CONN_BASE).contains(&t) => {
-                self.on_exit(ctx, poll, t - PIDFD_BASE)
+                if let Some(i) = self
+                    .tokens
+                    .get(&token)
+                    .and_then(|&name| ctx.config.slot_index(name))
+                {
+                    self.on_exit(ctx, poll, i);
+                } else if self.retiring.contains_key(&token) {
+                    self.on_retired_exit(poll, token);
+                }
             }
             Token(t) if t >= CONN_BASE => self.on_conn(ctx, poll, t),
             _ => {}
@@ -722,8 +828,9 @@ impl Master {
         if !spawn::has_exited(fd) {
             return;
         }
-        let _ = poll.registry().deregister(&mut SourceFd(&fd.as_raw_fd()));
         let proc = slot.proc.take().expect("checked above");
+        self.unwatch(poll, &proc);
+        let slot = &mut self.slots[i];
         let how = if proc.child {
             spawn::reap(proc.pid)
         } else {
@@ -731,13 +838,21 @@ impl Master {
         };
         let now = Instant::now();
         let recovery = proc.killing.unwrap_or(Recovery {
-            cause: Cause::Crash,
+            cause: if proc.manual {
+                Cause::Manual
+            } else {
+                Cause::Crash
+            },
             old_pid: proc.pid,
             detected: now,
             detect_ms: None,
         });
         let name = slot.name;
-        if !self.stopping {
+        if !self.stopping && proc.manual {
+            // Asked for: replaced at once, outside the backoff and the failure counts.
+            slot.pending.push(recovery);
+            self.spawn_slot(ctx, poll, i);
+        } else if !self.stopping {
             let delay = slot.plan_restart(ctx, now.duration_since(proc.started));
             slot.pending.push(recovery);
             slot.last_cause = Some(recovery.cause);
@@ -772,6 +887,49 @@ impl Master {
                 ctx.config.backoff_max_ms
             ));
             self.ledger.append(&ev);
+        }
+    }
+
+    /// A process of a slot removed by a scale-down has ended.
+    fn on_retired_exit(&mut self, poll: &Poll, token: Token) {
+        let Some((name, proc)) = self.retiring.remove(&token) else {
+            return;
+        };
+        self.unwatch(poll, &proc);
+        let how = if proc.child {
+            spawn::reap(proc.pid)
+        } else {
+            None
+        };
+        let mut ev = Event::new("retired");
+        ev.role = Some(name.role);
+        ev.id = Some(name.id);
+        ev.pid = Some(proc.pid);
+        ev.detail = how;
+        self.ledger.append(&ev);
+        log::info!("{name} pid {} retired", proc.pid);
+    }
+
+    /// SIGTERM now, SIGKILL at the grace period's end (see `escalate_kills`).
+    fn terminate_proc(proc: &mut Proc, grace: Duration) {
+        if let Some(fd) = &proc.pidfd {
+            let _ = spawn::pidfd_signal(fd, libc::SIGTERM);
+        }
+        proc.kill_at = Some(Instant::now() + grace);
+    }
+
+    /// Processes stopped on purpose that ignored SIGTERM for the grace period.
+    fn escalate_kills(&mut self, now: Instant) {
+        let procs = self.slots.iter_mut().filter_map(|s| s.proc.as_mut());
+        let retiring = self.retiring.values_mut().map(|(_, p)| p);
+        for p in procs.chain(retiring) {
+            if p.kill_at.is_some_and(|t| t <= now) {
+                p.kill_at = None;
+                if let Some(fd) = &p.pidfd {
+                    log::warn!("pid {} ignored SIGTERM: SIGKILL", p.pid);
+                    let _ = spawn::pidfd_signal(fd, libc::SIGKILL);
+                }
+            }
         }
     }
 
@@ -917,6 +1075,8 @@ impl Master {
                 }
             }
             Request::Ready { role, id, pid } => self.on_ready(peer, SlotName { role, id }, pid),
+            Request::Restart { role, id } => self.restart(ctx, SlotName { role, id }),
+            Request::Reload { config } => self.accept_config(ctx, &config),
             Request::Silent {
                 reporter,
                 role,
@@ -924,6 +1084,127 @@ impl Master {
                 pid,
                 silent_ms,
             } => self.on_silent(ctx, peer, reporter, SlotName { role, id }, pid, silent_ms),
+        }
+    }
+
+    /// `nexus restart`: SIGTERM (SIGKILL after the grace period); the exit is then a
+    /// manual replacement, not a failure. Restarting the master hands over to a standby.
+    fn restart(&mut self, ctx: &DaemonCtx, name: SlotName) -> Response {
+        if self.stopping {
+            return Response::Error {
+                message: "the cluster is stopping".into(),
+            };
+        }
+        let Some(i) = ctx.config.slot_index(name) else {
+            return Response::Error {
+                message: format!("{name} is not a slot of this cluster"),
+            };
+        };
+        if name == ctx.slot {
+            let standby = self.slots.iter().any(|s| {
+                s.name.role == Role::Communicator
+                    && s.name != name
+                    && s.proc.as_ref().is_some_and(|p| p.ready)
+            });
+            if !standby {
+                return Response::Error {
+                    message: format!("{name} is the master and no standby is running to take over"),
+                };
+            }
+            self.hand_over = true;
+            return Response::Applied {
+                changes: vec![format!(
+                    "{name} (master, pid {}) hands over to a standby",
+                    ctx.pid
+                )],
+            };
+        }
+        let grace = Duration::from_millis(ctx.config.stop_grace_ms);
+        match self.slots[i].proc.as_mut() {
+            Some(p) if p.kill_at.is_none() => {
+                p.manual = true;
+                Self::terminate_proc(p, grace);
+                Response::Applied {
+                    changes: vec![format!("{name} pid {} restarting", p.pid)],
+                }
+            }
+            Some(p) => Response::Error {
+                message: format!("{name} pid {} is already being stopped", p.pid),
+            },
+            None => Response::Error {
+                message: format!("{name} has no process right now (being replaced)"),
+            },
+        }
+    }
+
+    /// `nexus reload` / `scale`: validate here too (the client may be another build),
+    /// then leave the config for the loop to apply once this event is done.
+    fn accept_config(&mut self, ctx: &DaemonCtx, text: &str) -> Response {
+        let new = match crate::config::Config::parse(text) {
+            Ok(c) => c,
+            Err(e) => {
+                return Response::Error {
+                    message: format!("config refused, nothing changed: {e}"),
+                };
+            }
+        };
+        if let Some(d) = &new.runtime_dir
+            && crate::runtime_dir::RuntimeDir::at(d).path() != ctx.dir.path()
+        {
+            return Response::Error {
+                message: "runtime_dir cannot change on a running cluster".into(),
+            };
+        }
+        if ctx.slot.role == Role::Communicator && ctx.slot.id > new.communicators {
+            return Response::Error {
+                message: format!(
+                    "the master is {}: communicators cannot go below {} (restart it to move the master first)",
+                    ctx.slot, ctx.slot.id
+                ),
+            };
+        }
+        if self.stopping {
+            return Response::Error {
+                message: "the cluster is stopping".into(),
+            };
+        }
+        let changes = config_changes(&ctx.config, &new);
+        self.pending_config = Some(new);
+        Response::Applied { changes }
+    }
+
+    /// Moves to a new config: slots that stay keep their processes, new slots are
+    /// spawned, removed ones are stopped (SIGTERM, then SIGKILL after the grace period).
+    fn resize(&mut self, ctx: &DaemonCtx, poll: &Poll) {
+        let grace = Duration::from_millis(ctx.config.stop_grace_ms);
+        let mut old: HashMap<SlotName, Slot> = self.slots.drain(..).map(|s| (s.name, s)).collect();
+        self.slots = ctx
+            .config
+            .slots()
+            .into_iter()
+            .map(|name| old.remove(&name).unwrap_or_else(|| Slot::new(name)))
+            .collect();
+        for (name, slot) in old {
+            if let Some(mut p) = slot.proc {
+                Self::terminate_proc(&mut p, grace);
+                self.retiring.insert(p.token, (name, p));
+            }
+        }
+        for i in 0..self.slots.len() {
+            if self.slots[i].proc.is_none() && self.slots[i].restart_at.is_none() {
+                self.spawn_slot(ctx, poll, i);
+            }
+        }
+        // Everyone re-reads config.json: new watchdog sockets, new timings. Those not yet
+        // ready may have read the old file: they are told when they are.
+        for p in self.slots.iter_mut().filter_map(|s| s.proc.as_mut()) {
+            match &p.pidfd {
+                Some(fd) if p.ready => {
+                    let _ = spawn::pidfd_signal(fd, libc::SIGHUP);
+                }
+                Some(_) => p.reload_when_ready = true,
+                None => {}
+            }
         }
     }
 
@@ -949,6 +1230,11 @@ impl Master {
             };
         };
         proc.ready = true;
+        if std::mem::take(&mut proc.reload_when_ready)
+            && let Some(fd) = &proc.pidfd
+        {
+            let _ = spawn::pidfd_signal(fd, libc::SIGHUP);
+        }
         for rec in std::mem::take(&mut slot.pending) {
             let recover_ms = round3(rec.detected.elapsed().as_secs_f64() * 1000.0);
             self.record_respawn(name, pid, &rec, Some(recover_ms), None);
@@ -1108,6 +1394,20 @@ impl Master {
 }
 
 impl Slot {
+    fn new(name: SlotName) -> Slot {
+        Slot {
+            name,
+            proc: None,
+            pending: Vec::new(),
+            restart_at: None,
+            recent_restarts: VecDeque::new(),
+            quick_failures: 0,
+            failed: false,
+            restarts: 0,
+            last_cause: None,
+        }
+    }
+
     /// Decides how long to wait before restarting this slot: the first restart is
     /// immediate, quick failures in a row back off exponentially, and more than
     /// `restart_intensity` restarts within `restart_period_ms` mark the slot failed,
@@ -1159,4 +1459,27 @@ fn flush(conn: &mut Conn) -> bool {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// One line per key that differs, for the reload's answer and the ledger.
+fn config_changes(old: &crate::config::Config, new: &crate::config::Config) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(old), serde_json::to_value(new))
+    else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = b
+        .iter()
+        .filter(|(k, v)| a.get(*k) != Some(*v))
+        .map(|(k, v)| {
+            format!(
+                "{k}: {} -> {v}",
+                a.get(k).map_or("unset".to_string(), |x| x.to_string())
+            )
+        })
+        .collect();
+    if out.is_empty() {
+        out.push("nothing changed".into());
+    }
+    out
 }

@@ -123,6 +123,16 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
                     let _ = std::fs::remove_file(&path);
                     return Ok(());
                 }
+                SIGNALS if signals.take_reload() => match dog.reload() {
+                    Ok(true) => {
+                        heart = Heartbeater::new(&dog.ctx)
+                            .map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
+                        heart.mark_ready_told();
+                        probe = MasterProbe::new(&dog.ctx);
+                    }
+                    Ok(false) => return Ok(()),
+                    Err(e) => log::warn!("cannot reload the config: {e}"),
+                },
                 SOCKET => dog.receive_all(),
                 _ => {}
             }
@@ -279,6 +289,35 @@ impl Watchdog {
             h.due = h.due.max(due);
         }
         self.next_check = self.next_check.max(due.min(self.next_check.max(now)));
+    }
+
+    /// A new config: keep what we know of the slots that stay, start a fresh timeout for
+    /// the new ones.
+    fn reload(&mut self) -> Result<bool, String> {
+        if !self.ctx.reload_config()? {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        let timeout = self.ctx.config.timeout();
+        let mut old: std::collections::HashMap<SlotName, Heard> =
+            self.heard.drain(..).map(|h| (h.slot, h)).collect();
+        self.heard = self
+            .ctx
+            .config
+            .slots()
+            .into_iter()
+            .map(|slot| {
+                old.remove(&slot).unwrap_or(Heard {
+                    slot,
+                    last: now,
+                    pid: 0,
+                    heard: false,
+                    due: now + timeout,
+                })
+            })
+            .collect();
+        self.next_check = self.next_check.min(now + timeout);
+        Ok(true)
     }
 
     fn check_silence(&mut self) {

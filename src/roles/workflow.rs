@@ -9,7 +9,7 @@ use crate::daemon::{DaemonCtx, Heartbeater, MasterProbe, Signals, act_on_probe, 
 
 const SIGNALS: Token = Token(0);
 
-pub fn run(ctx: DaemonCtx) -> Result<(), String> {
+pub fn run(mut ctx: DaemonCtx) -> Result<(), String> {
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
     let mut signals = Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     poll.registry()
@@ -32,6 +32,18 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         if events.iter().any(|e| e.token() == SIGNALS) && signals.drain() {
             log::info!("terminating on signal");
             return Ok(());
+        }
+        if signals.take_reload() {
+            match ctx.reload_config() {
+                Ok(true) => {
+                    heart = Heartbeater::new(&ctx)
+                        .map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
+                    heart.mark_ready_told();
+                    probe = MasterProbe::new(&ctx);
+                }
+                Ok(false) => return Ok(()),
+                Err(e) => log::warn!("cannot reload the config: {e}"),
+            }
         }
     }
 }

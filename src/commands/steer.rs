@@ -1,0 +1,182 @@
+//! Steering a running cluster: `restart ROLE-ID`, `reload`, `scale role=N`. Each asks
+//! the master, then waits until the change has taken effect, so a script can rely on
+//! the exit code.
+
+use std::time::{Duration, Instant};
+
+use super::Common;
+use crate::client;
+use crate::config::{Config, Role, SlotName};
+use crate::protocol::{Request, Response, SlotState, StatusReport};
+use crate::runtime_dir::RuntimeDir;
+
+pub fn restart(common: &Common, name: &str) -> Result<(), String> {
+    let slot = SlotName::parse(name)
+        .ok_or_else(|| format!("`{name}` is not a daemon name (like workflow-3 or watchdog-1)"))?;
+    let dir = common.runtime_dir()?;
+    let cfg = running_config(&dir)?;
+    let before = status(&dir)?;
+    let old = before
+        .members
+        .iter()
+        .find(|m| m.slot() == slot)
+        .map_or(0, |m| m.pid);
+    let t0 = Instant::now();
+    for line in ask(
+        &dir,
+        &Request::Restart {
+            role: slot.role,
+            id: slot.id,
+        },
+    )? {
+        println!("{line}");
+    }
+    let within = Duration::from_millis(cfg.stop_grace_ms + cfg.start_timeout_ms);
+    let new = wait_for(&dir, within, |r| {
+        let m = r.members.iter().find(|m| m.slot() == slot)?;
+        (m.pid != old && m.pid > 0 && m.state == SlotState::Running).then_some(m.pid)
+    })
+    .map_err(|why| {
+        format!(
+            "{slot} was not back within {} ms: {why}",
+            within.as_millis()
+        )
+    })?;
+    println!(
+        "{slot} restarted: pid {old} -> {new} in {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+pub fn reload(common: &Common) -> Result<(), String> {
+    let cfg = common
+        .load_config()
+        .map_err(|e| format!("{e}; the running cluster is untouched"))?;
+    let dir = RuntimeDir::resolve(common.runtime_dir.as_deref(), cfg.runtime_dir.as_deref());
+    running_config(&dir)?;
+    apply(&dir, &cfg)
+}
+
+/// `scale workflow=8 watchdog=5`: the running config with new counts.
+pub fn scale(common: &Common, assignments: &[String]) -> Result<(), String> {
+    if assignments.is_empty() {
+        return Err("scale needs at least one ROLE=COUNT, like workflow=8".into());
+    }
+    let dir = common.runtime_dir()?;
+    let mut cfg = running_config(&dir)?;
+    for a in assignments {
+        let (role, n) = a
+            .split_once('=')
+            .ok_or_else(|| format!("`{a}` is not ROLE=COUNT (like workflow=8)"))?;
+        let role = Role::parse(role.trim_end_matches('s'))
+            .ok_or_else(|| format!("unknown role `{role}` (communicator, watchdog, workflow)"))?;
+        let n: u32 = n
+            .parse()
+            .map_err(|_| format!("`{n}` is not a count in `{a}`"))?;
+        match role {
+            Role::Communicator => cfg.communicators = n,
+            Role::Watchdog => cfg.watchdogs = n,
+            Role::Workflow => cfg.workflows = n,
+        }
+    }
+    // The same validation as a config file gets: limits, and naming the key at fault.
+    let cfg = Config::parse(&cfg.to_json())
+        .map_err(|e| format!("{e}; the running cluster is untouched"))?;
+    apply(&dir, &cfg)
+}
+
+fn apply(dir: &RuntimeDir, cfg: &Config) -> Result<(), String> {
+    let t0 = Instant::now();
+    for line in ask(
+        dir,
+        &Request::Reload {
+            config: cfg.to_json(),
+        },
+    )? {
+        println!("  {line}");
+    }
+    let total = cfg.slots().len();
+    let within = Duration::from_millis(cfg.stop_grace_ms + cfg.start_timeout_ms);
+    wait_for(dir, within, |r| {
+        let ready =
+            r.members.len() == total && r.members.iter().all(|m| m.state == SlotState::Running);
+        let gone = crate::procscan::daemons_of(dir.path()).len() == total;
+        (ready && gone).then_some(())
+    })
+    .map_err(|why| {
+        format!(
+            "the cluster did not settle within {} ms: {why}",
+            within.as_millis()
+        )
+    })?;
+    println!(
+        "applied in {:.1} ms: {} communicators, {} watchdogs, {} workflows running",
+        t0.elapsed().as_secs_f64() * 1000.0,
+        cfg.communicators,
+        cfg.watchdogs,
+        cfg.workflows
+    );
+    Ok(())
+}
+
+fn running_config(dir: &RuntimeDir) -> Result<Config, String> {
+    status(dir)?;
+    Config::load(&dir.config_file()).map_err(|e| e.to_string())
+}
+
+fn status(dir: &RuntimeDir) -> Result<StatusReport, String> {
+    match client::request(
+        &dir.control_socket(),
+        &Request::Status {},
+        Duration::from_secs(2),
+    ) {
+        Ok(Response::Status(r)) => Ok(r),
+        Ok(other) => Err(format!("unexpected answer from the master: {other:?}")),
+        Err(e) => Err(format!("nexus is not running in {} ({e})", dir.display())),
+    }
+}
+
+fn ask(dir: &RuntimeDir, req: &Request) -> Result<Vec<String>, String> {
+    match client::request(&dir.control_socket(), req, Duration::from_secs(5))? {
+        Response::Applied { changes } => Ok(changes),
+        Response::Error { message } => Err(message),
+        other => Err(format!("unexpected answer from the master: {other:?}")),
+    }
+}
+
+/// Polls the master (every 10 ms, bounded) until `done` yields a value.
+fn wait_for<T>(
+    dir: &RuntimeDir,
+    within: Duration,
+    mut done: impl FnMut(&StatusReport) -> Option<T>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + within;
+    let mut why = String::from("no answer yet");
+    for _ in 0..1_000_000 {
+        match status(dir) {
+            Ok(r) => match done(&r) {
+                Some(v) => return Ok(v),
+                None => {
+                    let pending: Vec<String> = r
+                        .members
+                        .iter()
+                        .filter(|m| m.state != SlotState::Running)
+                        .map(|m| format!("{} {:?}", m.slot(), m.state).to_lowercase())
+                        .collect();
+                    why = if pending.is_empty() {
+                        "processes still stopping".into()
+                    } else {
+                        pending.join(", ")
+                    };
+                }
+            },
+            Err(e) => why = e,
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(why)
+}
