@@ -49,7 +49,9 @@ fn garbage_on_the_control_socket_gets_an_error_not_a_crash() {
     for junk in [
         &b"hello\n"[..],
         b"{\"v\":1,\"msg\":{\"type\":\"nuke\"}}\n",
-        &[0u8; 10_000][..],
+        &[0u8; 20_000][..],
+        // No newline and no end: answered with an error when the connection times out.
+        &[b'{'; 100][..],
     ] {
         let mut s = UnixStream::connect(&ctl).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();

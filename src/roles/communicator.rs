@@ -1052,6 +1052,19 @@ impl Master {
         for id in expired {
             self.rejected
                 .reject(format_args!("control connection timed out"));
+            // Say why before hanging up (best effort: the socket is non-blocking and the
+            // answer small); a client left waiting learns more than from a bare close.
+            if let Some(conn) = self.conns.get_mut(&id)
+                && conn.outbuf.is_empty()
+            {
+                let why = Response::Error {
+                    message: format!(
+                        "incomplete request: no newline within {} ms",
+                        CONN_TIMEOUT.as_millis()
+                    ),
+                };
+                let _ = conn.stream.write(&protocol::encode_line(&why));
+            }
             self.close(poll, id);
         }
     }
