@@ -8,6 +8,7 @@ mod counters;
 mod daemon;
 mod ledger;
 mod logfiles;
+mod notify;
 mod procscan;
 mod protocol;
 mod roles;
@@ -26,7 +27,9 @@ const USAGE: &str = "\
 nexus — a self-healing cluster of local daemons
 
 Usage:
-  nexus start   [--config PATH] [--runtime-dir DIR]   start the cluster; returns once every daemon heartbeats
+  nexus start   [--config PATH] [--runtime-dir DIR] [--foreground]
+                                                      start the cluster; returns once every daemon heartbeats
+                                                      (--foreground: stay, stop it on SIGTERM: for systemd)
   nexus stop    [--runtime-dir DIR]                   stop it: workflows, watchdogs, standbys, master
   nexus status  [--json] [--watch] [--runtime-dir DIR]
                                                       one row per daemon (exit 0 whole, 1 degraded, 3 not running);
@@ -109,6 +112,7 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
     let mut json = false;
     let mut follow = false;
     let mut watch = false;
+    let mut foreground = false;
     let mut last = 20usize;
     let mut role = None;
     let mut duration = 60.0f64;
@@ -125,6 +129,7 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
             "--json" => json = true,
             "-f" | "--follow" => follow = true,
             "-w" | "--watch" => watch = true,
+            "--foreground" => foreground = true,
             "-n" => {
                 last = it
                     .value(arg)?
@@ -176,7 +181,7 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
     match cmd.as_str() {
         "start" => {
             no_positional(&positional)?;
-            commands::start::run(&common)?;
+            commands::start::run(&common, foreground)?;
             Ok(0)
         }
         "stop" => {

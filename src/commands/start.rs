@@ -14,7 +14,7 @@ use crate::protocol::{Request, Response, SlotState};
 use crate::runtime_dir::{LeaderLock, RuntimeDir};
 use crate::spawn::ENV_FRESH_START;
 
-pub fn run(common: &Common) -> Result<(), String> {
+pub fn run(common: &Common, foreground: bool) -> Result<(), String> {
     let cfg = common.load_config()?;
     let dir = RuntimeDir::resolve(common.runtime_dir.as_deref(), cfg.runtime_dir.as_deref());
     dir.prepare()?;
@@ -117,6 +117,9 @@ pub fn run(common: &Common) -> Result<(), String> {
                     cfg.interval_ms,
                     cfg.timeout_ms
                 );
+                if foreground {
+                    return stay_in_foreground(&dir, &mut master, &cfg);
+                }
                 return Ok(());
             }
         }
@@ -137,4 +140,44 @@ fn last_line(path: &std::path::Path) -> String {
         .ok()
         .and_then(|s| s.lines().last().map(str::to_string))
         .unwrap_or_else(|| "no log".into())
+}
+
+/// `start --foreground`: the main process of a service manager's unit (systemd
+/// `Type=notify`). The master cannot be that process — after a failover its pid changes
+/// and the manager would take the old master's death for the service's. So this one
+/// waits: SIGTERM or SIGINT stops the cluster in order and returns; a cluster that has
+/// vanished (no master, no daemon, for two timeouts) is an error, so the manager restarts.
+fn stay_in_foreground(
+    dir: &RuntimeDir,
+    master: &mut std::process::Child,
+    cfg: &crate::config::Config,
+) -> Result<(), String> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| format!("cannot handle signals: {e}"))?;
+    }
+    let mut gone_since: Option<Instant> = None;
+    // Bounded like every loop here: ten years of 100 ms naps.
+    for _ in 0..3_153_600_000u64 {
+        if stop.load(Ordering::SeqCst) {
+            return super::stop::stop_dir(dir, cfg.stop_grace_ms, false);
+        }
+        // The first master is our child: reap it if it dies, whoever replaces it.
+        let _ = master.try_wait();
+        let alive =
+            LeaderLock::is_held(&dir.leader_lock()) || !procscan::daemons_of(dir.path()).is_empty();
+        match (alive, gone_since) {
+            (true, _) => gone_since = None,
+            (false, None) => gone_since = Some(Instant::now()),
+            (false, Some(t)) if t.elapsed() >= 2 * cfg.timeout() => {
+                return Err(format!("the cluster in {} is gone", dir.display()));
+            }
+            (false, Some(_)) => {}
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }

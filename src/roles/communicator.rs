@@ -139,6 +139,8 @@ struct Master {
     pending_config: Option<crate::config::Config>,
     /// `nexus restart` of the master itself: exit after answering, a standby takes over.
     hand_over: bool,
+    /// systemd's notify socket, when run under a Type=notify unit.
+    notifier: Option<crate::notify::Notifier>,
 }
 
 struct Communicator {
@@ -229,6 +231,13 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         if let Some(m) = comm.master.as_mut() {
             m.run_due_restarts(&comm.ctx, &comm.poll, now);
             m.escalate_kills(now);
+            m.notify_status();
+            if let Some(n) = m.notifier.as_mut() {
+                n.tick(now);
+                if let Some(t) = n.next_due() {
+                    wake = wake.min(t);
+                }
+            }
             if let Some(t) = m.next_deadline() {
                 wake = wake.min(t);
             }
@@ -394,6 +403,7 @@ impl Communicator {
             retiring: HashMap::new(),
             pending_config: None,
             hand_over: false,
+            notifier: crate::notify::Notifier::from_env(),
             // A successor carries the counts on from the ledger; this takeover is one more.
             counters: if fresh {
                 crate::counters::Counters::default()
@@ -890,6 +900,33 @@ impl Master {
         }
     }
 
+    /// `STATUS=` for systemd: how many slots run, and who is master.
+    fn status_line(&self) -> String {
+        let running = self
+            .slots
+            .iter()
+            .filter(|s| s.proc.as_ref().is_some_and(|p| p.ready))
+            .count();
+        let count = |r: Role| self.slots.iter().filter(|s| s.name.role == r).count();
+        format!(
+            "{running}/{} daemons running ({} communicators, {} watchdogs, {} workflows); master pid {}",
+            self.slots.len(),
+            count(Role::Communicator),
+            count(Role::Watchdog),
+            count(Role::Workflow),
+            std::process::id()
+        )
+    }
+
+    fn notify_status(&mut self) {
+        if self.notifier.is_some() {
+            let line = self.status_line();
+            if let Some(n) = self.notifier.as_mut() {
+                n.status(&line);
+            }
+        }
+    }
+
     /// A process of a slot removed by a scale-down has ended.
     fn on_retired_exit(&mut self, poll: &Poll, token: Token) {
         let Some((name, proc)) = self.retiring.remove(&token) else {
@@ -1080,6 +1117,9 @@ impl Master {
                         s.restart_at = None;
                     }
                     self.ledger.append(&Event::new("stopping"));
+                    if let Some(n) = &self.notifier {
+                        n.stopping();
+                    }
                     log::info!("stop requested by pid {peer}");
                 }
                 Response::Stopping {
@@ -1260,6 +1300,10 @@ impl Master {
         {
             self.whole_logged = true;
             log::info!("cluster whole: {} daemons heartbeating", self.slots.len());
+            let line = self.status_line();
+            if let Some(n) = self.notifier.as_mut() {
+                n.ready(&line);
+            }
         }
         Response::Ok {}
     }
