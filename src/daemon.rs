@@ -122,6 +122,12 @@ pub struct Heartbeater {
     /// Until the master has our ready message we keep offering it with each beat.
     ready_told: bool,
     started: Instant,
+    /// This round's datagram, and the targets whose queue was full when it was sent.
+    msg: Vec<u8>,
+    busy: Vec<usize>,
+    retry_at: Option<Instant>,
+    retries_left: u32,
+    rng: Rng,
 }
 
 impl Heartbeater {
@@ -144,6 +150,11 @@ impl Heartbeater {
             next: Instant::now(),
             ready_told: false,
             started: Instant::now(),
+            msg: Vec::new(),
+            busy: Vec::new(),
+            retry_at: None,
+            retries_left: 0,
+            rng: Rng::seeded(ctx.pid as u64),
         })
     }
 
@@ -153,36 +164,42 @@ impl Heartbeater {
     }
 
     pub fn next_due(&self) -> Instant {
-        self.next
+        self.retry_at.map_or(self.next, |r| r.min(self.next))
     }
 
-    /// Beats if due; returns how many watchdogs took the beat (None if not due).
+    /// Beats if due; returns how many watchdogs took a full round's beat (None when no
+    /// round was due; retries of a round return None too).
     pub fn tick(&mut self, now: Instant) -> Option<usize> {
+        if self.retry_at.is_some_and(|t| now >= t) && now < self.next {
+            self.retry(now);
+            return None;
+        }
         if now < self.next {
             return None;
         }
         self.seq += 1;
-        let msg = protocol::encode(&Datagram::Heartbeat {
+        self.msg = protocol::encode(&Datagram::Heartbeat {
             role: self.slot.role,
             id: self.slot.id,
             pid: self.pid,
             seq: self.seq,
         });
         let mut delivered = 0;
-        let mut busy = 0;
-        for t in &self.targets {
-            match self.sock.send_to(&msg, t) {
+        self.busy.clear();
+        for (i, t) in self.targets.iter().enumerate() {
+            match self.sock.send_to(&self.msg, t) {
                 Ok(_) => delivered += 1,
-                // A full queue: that watchdog is bound but not reading (hung). It will be
-                // replaced; meanwhile it proves a watchdog socket is there.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => busy += 1,
+                // A full queue: that watchdog is bound but did not drain it in time
+                // (starved, or hung). Retried shortly, see `retry`.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.busy.push(i),
                 Err(_) => {}
             }
         }
-        let heard = delivered + busy > 0 || self.targets.is_empty();
+        let heard = delivered + self.busy.len() > 0 || self.targets.is_empty();
         log::trace!(
-            "heartbeat {} taken by {delivered} watchdogs ({busy} busy)",
-            self.seq
+            "heartbeat {} taken by {delivered} watchdogs ({} busy)",
+            self.seq,
+            self.busy.len()
         );
         if heard && !self.ready_told {
             self.ready_told = send_request(
@@ -195,17 +212,66 @@ impl Heartbeater {
             )
             .is_ok();
         }
+        self.retries_left = MAX_RETRIES;
+        self.retry_at = (!self.busy.is_empty()).then(|| now + self.retry_delay());
         // While starting up, the watchdogs' sockets or the master's may not exist yet:
         // retry soon rather than a whole interval later, for a couple of seconds.
         let early = self.started.elapsed() < Duration::from_secs(2);
-        let retry = early && (!heard || !self.ready_told);
+        let soon = early && (!heard || !self.ready_told);
+        // Up to a tenth early, at random: a thousand daemons started in one burst drift
+        // apart instead of flooding the watchdogs' queues (10 datagrams by default) in
+        // the same few milliseconds of every interval.
+        let jitter = self.interval.mul_f64(self.rng.unit() * 0.1);
         self.next = now
-            + if retry {
+            + if soon {
                 self.interval.min(Duration::from_millis(5))
             } else {
-                self.interval
+                self.interval - jitter
             };
         Some(delivered)
+    }
+
+    /// Resends this round's beat to the watchdogs whose queue was full.
+    fn retry(&mut self, now: Instant) {
+        let busy = std::mem::take(&mut self.busy);
+        for i in busy {
+            if let Err(e) = self.sock.send_to(&self.msg, &self.targets[i])
+                && e.kind() == io::ErrorKind::WouldBlock
+            {
+                self.busy.push(i);
+            }
+        }
+        self.retries_left = self.retries_left.saturating_sub(1);
+        self.retry_at =
+            (!self.busy.is_empty() && self.retries_left > 0).then(|| now + self.retry_delay());
+    }
+
+    /// 5 to 50 ms, at random, so the retries of many daemons do not collide again.
+    fn retry_delay(&mut self) -> Duration {
+        Duration::from_micros(5_000 + (self.rng.unit() * 45_000.0) as u64)
+    }
+}
+
+/// Retries of one round's beat to a watchdog whose queue was full.
+const MAX_RETRIES: u32 = 5;
+
+/// xorshift64*: jitter needs spread, not cryptography.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn seeded(seed: u64) -> Rng {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Rng((t ^ seed.rotate_left(32)) | 1)
+    }
+
+    /// A number in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
@@ -299,6 +365,8 @@ pub struct MasterProbe {
     masterless_since: Option<Instant>,
     /// Test-only (NEXUS_FAULT=no_takeover): probe but never take over.
     never_take_over: bool,
+    /// leader.lock, kept open: the steady-state probe is one flock and one fstat.
+    file: Option<std::fs::File>,
 }
 
 impl MasterProbe {
@@ -310,10 +378,47 @@ impl MasterProbe {
             masterless_since: None,
             never_take_over: std::env::var("NEXUS_FAULT")
                 .is_ok_and(|f| f.split(',').any(|x| x == "no_takeover")),
+            file: None,
         }
     }
 
+    /// Whether someone holds the lock, with the file's age (its mtime is the master's
+    /// proof of life). A free lock we grab here is released at once: taking over goes
+    /// through `LeaderLock::try_acquire`, which owns its own descriptor.
+    fn quick_probe(&mut self) -> Option<(bool, Option<Duration>)> {
+        if self.file.is_none() {
+            self.file = std::fs::File::open(&self.lock).ok();
+        }
+        let fd = self.file.as_ref()?.as_raw_fd();
+        // SAFETY: flock on an fd we own.
+        let held = if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            // SAFETY: as above.
+            unsafe { libc::flock(fd, libc::LOCK_UN) };
+            false
+        } else {
+            io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+        };
+        let age = nix::sys::stat::fstat(fd).ok().and_then(|st| {
+            let mtime = std::time::UNIX_EPOCH
+                + Duration::new(
+                    st.st_mtime.max(0) as u64,
+                    st.st_mtime_nsec.clamp(0, 999_999_999) as u32,
+                );
+            std::time::SystemTime::now().duration_since(mtime).ok()
+        });
+        Some((held, age))
+    }
+
     pub fn check(&mut self) -> Probe {
+        if let Some((true, age)) = self.quick_probe()
+            && self.masterless_since.is_none()
+        {
+            // The common case, a live master: nothing else to read.
+            if age.is_some_and(|a| a >= self.give_up_after) {
+                self.kill_master_if_hung();
+            }
+            return Probe::Fine;
+        }
         let lock = match LeaderLock::try_acquire(&self.lock) {
             Ok(Some(lock)) => lock,
             Ok(None) if self.masterless_since.is_some() && !self.holder_is_master() => {
