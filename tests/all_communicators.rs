@@ -14,8 +14,11 @@ fn a_survivor_takes_over_when_both_communicators_die() {
     c.start();
     let comms: Vec<i32> = c.pids("communicator");
     assert_eq!(comms.len(), 2);
-    for &p in &comms {
-        signal(p, libc::SIGKILL);
+    // Both at once: frozen first, so the standby cannot take over between the two kills.
+    for sig in [libc::SIGSTOP, libc::SIGKILL] {
+        for &p in &comms {
+            signal(p, sig);
+        }
     }
     // Whole again within one timeout (plus a generous margin for a loaded machine).
     c.wait_whole(10, Duration::from_secs(10));
@@ -53,13 +56,11 @@ fn a_survivor_takes_over_when_both_communicators_die() {
 fn without_a_possible_takeover_the_rest_exit() {
     let c = Cluster::new(FAST);
     c.start_env(&[("NEXUS_FAULT", "no_takeover")]);
-    for p in c
-        .daemons()
-        .iter()
-        .filter(|d| d.1 == "communicator")
-        .map(|d| d.0)
-    {
-        signal(p, libc::SIGKILL);
+    let comms = c.pids("communicator");
+    for sig in [libc::SIGSTOP, libc::SIGKILL] {
+        for &p in &comms {
+            signal(p, sig);
+        }
     }
     // Two timeouts (1.2 s) without a master, then every daemon exits by itself.
     wait_until("every daemon gone", Duration::from_secs(10), || {
