@@ -37,15 +37,20 @@ pub fn request(control: &Path, req: &Request, timeout: Duration) -> Result<Respo
 }
 
 fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    let stream = connect_nonblocking(path)?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Connects without ever blocking: a Unix stream connect completes at once or fails
+/// (EAGAIN when a hung master's backlog is full). The stream stays non-blocking.
+pub fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     let fd = socket::socket(
         AddressFamily::Unix,
         SockType::Stream,
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    // A Unix stream connect completes at once or fails (EAGAIN: backlog full).
     socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-    let stream = UnixStream::from(fd);
-    stream.set_nonblocking(false)?;
-    Ok(stream)
+    Ok(UnixStream::from(fd))
 }

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mio::net::UnixStream as MioStream;
-use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 
 use crate::config::{Config, Role, SlotName};
 use crate::protocol::{self, Datagram, Request};
@@ -278,16 +277,9 @@ impl Rng {
 /// Fire-and-forget delivery of one request line to the master: a non-blocking connect
 /// and one small write, so a hung master can never stall the sender.
 pub fn send_request(control: &Path, req: &Request) -> io::Result<()> {
-    let fd = socket::socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    let addr = UnixAddr::new(control)?;
-    socket::connect(fd.as_raw_fd(), &addr)?;
+    let mut stream = crate::client::connect_nonblocking(control)?;
     let line = protocol::encode_line(req);
-    let n = nix::unistd::write(&fd, &line)?;
+    let n = stream.write(&line)?;
     if n != line.len() {
         return Err(io::Error::new(
             io::ErrorKind::WriteZero,
