@@ -265,6 +265,11 @@ impl Rng {
         Rng((t ^ seed.rotate_left(32)) | 1)
     }
 
+    /// A number in 0..n.
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.unit() * n as f64) as usize).min(n.saturating_sub(1))
+    }
+
     /// A number in [0, 1).
     pub fn unit(&mut self) -> f64 {
         self.0 ^= self.0 >> 12;

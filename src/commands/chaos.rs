@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::Common;
 use crate::client;
 use crate::config::{Config, Role, SlotName};
+use crate::daemon::Rng;
 use crate::ledger::{self, Event};
 use crate::procscan;
 use crate::protocol::{Request, Response, SlotState};
@@ -45,7 +46,7 @@ pub fn run(common: &Common, opts: &Options) -> Result<i32, String> {
         )
     })?;
     let settle = Duration::from_millis(cfg.start_timeout_ms);
-    if let Err(why) = wait_whole(&dir, &cfg, settle) {
+    if let Err(why) = super::steer::wait_whole(&dir, &cfg, settle) {
         return Err(format!(
             "the cluster in {} is not whole before chaos starts: {why}",
             dir.display()
@@ -68,7 +69,7 @@ pub fn run(common: &Common, opts: &Options) -> Result<i32, String> {
         roles.join(",")
     );
 
-    let mut rng = Rng::seeded();
+    let mut rng = Rng::seeded(u64::from(std::process::id()));
     let mut kills: Vec<Kill> = Vec::new();
     let t0 = Instant::now();
     let rounds = (opts.duration.as_millis() / opts.interval.as_millis().max(1)) as usize + 1;
@@ -326,51 +327,6 @@ fn events_since(dir: &RuntimeDir, offset: u64) -> Vec<Event> {
         .collect()
 }
 
-fn wait_whole(dir: &RuntimeDir, cfg: &Config, within: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + within;
-    let mut why = String::new();
-    for _ in 0..100_000 {
-        match client::request(
-            &dir.control_socket(),
-            &Request::Status {},
-            Duration::from_secs(2),
-        ) {
-            Ok(Response::Status(r)) if r.members.iter().all(|m| m.state == SlotState::Running) => {
-                if procscan::daemons_of(dir.path()).len() == cfg.total() {
-                    return Ok(());
-                }
-                why = "extra or missing processes".into();
-            }
-            Ok(_) => why = "some daemons are not running".into(),
-            Err(e) => why = e,
-        }
-        if Instant::now() >= deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Err(why)
-}
-
 fn gone(pid: i32) -> bool {
     !matches!(procscan::state(pid), Some(s) if s != 'Z')
-}
-
-/// xorshift64*: victims need to be unpredictable, not cryptographic.
-struct Rng(u64);
-
-impl Rng {
-    fn seeded() -> Rng {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        Rng((t ^ (u64::from(std::process::id()) << 32)) | 1)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n.max(1)
-    }
 }

@@ -96,20 +96,8 @@ fn apply(dir: &RuntimeDir, cfg: &Config) -> Result<(), String> {
     )? {
         println!("  {line}");
     }
-    let total = cfg.slots().len();
     let within = Duration::from_millis(cfg.stop_grace_ms + cfg.start_timeout_ms);
-    wait_for(dir, within, |r| {
-        let ready =
-            r.members.len() == total && r.members.iter().all(|m| m.state == SlotState::Running);
-        let gone = crate::procscan::daemons_of(dir.path()).len() == total;
-        (ready && gone).then_some(())
-    })
-    .map_err(|why| {
-        format!(
-            "the cluster did not settle within {} ms: {why}",
-            within.as_millis()
-        )
-    })?;
+    wait_whole(dir, cfg, within)?;
     println!(
         "applied in {:.1} ms: {} communicators, {} watchdogs, {} workflows running",
         t0.elapsed().as_secs_f64() * 1000.0,
@@ -118,6 +106,24 @@ fn apply(dir: &RuntimeDir, cfg: &Config) -> Result<(), String> {
         cfg.workflows
     );
     Ok(())
+}
+
+/// Waits until the master reports every slot of `cfg` running and /proc holds exactly
+/// that many daemons (nothing retiring, nothing extra).
+pub fn wait_whole(dir: &RuntimeDir, cfg: &Config, within: Duration) -> Result<(), String> {
+    let total = cfg.total();
+    wait_for(dir, within, |r| {
+        let ready =
+            r.members.len() == total && r.members.iter().all(|m| m.state == SlotState::Running);
+        let exact = crate::procscan::daemons_of(dir.path()).len() == total;
+        (ready && exact).then_some(())
+    })
+    .map_err(|why| {
+        format!(
+            "the cluster did not settle within {} ms: {why}",
+            within.as_millis()
+        )
+    })
 }
 
 fn running_config(dir: &RuntimeDir) -> Result<Config, String> {

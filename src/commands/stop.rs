@@ -23,14 +23,10 @@ pub fn run(common: &Common) -> Result<(), String> {
         return Ok(());
     }
     dir.check()?;
-    let grace = common
-        .load_config()
-        .map(|c| c.stop_grace_ms)
-        .unwrap_or(2000);
-    let grace = std::fs::read_to_string(dir.config_file())
-        .ok()
-        .and_then(|t| crate::config::Config::parse(&t).ok())
-        .map_or(grace, |c| c.stop_grace_ms);
+    // The running cluster's own config; the user's only if that is unreadable.
+    let grace = crate::config::Config::load(&dir.config_file())
+        .or_else(|_| common.load_config())
+        .map_or(2000, |c| c.stop_grace_ms);
     stop_dir(&dir, grace, false)
 }
 

@@ -34,6 +34,19 @@ struct Heard {
     due: Instant,
 }
 
+impl Heard {
+    /// A slot we have not heard from yet: it gets a whole timeout from `now`.
+    fn unheard(slot: SlotName, now: Instant, timeout: Duration) -> Heard {
+        Heard {
+            slot,
+            last: now,
+            pid: 0,
+            heard: false,
+            due: now + timeout,
+        }
+    }
+}
+
 struct Watchdog {
     ctx: DaemonCtx,
     sock: UnixDatagram,
@@ -72,13 +85,7 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         .config
         .slots()
         .into_iter()
-        .map(|slot| Heard {
-            slot,
-            last: now,
-            pid: 0,
-            heard: false,
-            due: now + timeout,
-        })
+        .map(|slot| Heard::unheard(slot, now, timeout))
         .collect();
     let mut dog = Watchdog {
         sock,
@@ -307,13 +314,8 @@ impl Watchdog {
             .slots()
             .into_iter()
             .map(|slot| {
-                old.remove(&slot).unwrap_or(Heard {
-                    slot,
-                    last: now,
-                    pid: 0,
-                    heard: false,
-                    due: now + timeout,
-                })
+                old.remove(&slot)
+                    .unwrap_or_else(|| Heard::unheard(slot, now, timeout))
             })
             .collect();
         self.next_check = self.next_check.min(now + timeout);
