@@ -68,11 +68,9 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     // there is a dead predecessor's socket.
     let _ = std::fs::remove_file(&path);
     let sock =
-        UnixDatagram::bind(&path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+        bind_with_credentials(&path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
-    socket::setsockopt(&sock, sockopt::PassCred, &true)
-        .map_err(|e| format!("cannot enable SO_PASSCRED: {e}"))?;
     let bound_inode = socket_inode(&path);
 
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
@@ -149,6 +147,23 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
             dog.check_silence();
         }
     }
+}
+
+/// SO_PASSCRED must be on before the name exists: a heartbeat sent between bind and
+/// setsockopt would arrive without credentials and be rejected, while its sender, whose
+/// datagram was taken, already counts itself as heard.
+fn bind_with_credentials(path: &std::path::Path) -> io::Result<UnixDatagram> {
+    let fd = socket::socket(
+        socket::AddressFamily::Unix,
+        socket::SockType::Datagram,
+        socket::SockFlag::SOCK_CLOEXEC | socket::SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    socket::setsockopt(&fd, sockopt::PassCred, &true)?;
+    socket::bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(UnixDatagram::from_std(
+        std::os::unix::net::UnixDatagram::from(fd),
+    ))
 }
 
 fn socket_inode(path: &std::path::Path) -> Option<u64> {
