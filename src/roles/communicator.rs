@@ -291,6 +291,8 @@ impl Communicator {
             pending_config: None,
             hand_over: false,
             notifier: crate::notify::Notifier::from_env(),
+            launcher: spawn::Launcher::new(&self.ctx.exe, dir)
+                .map_err(|e| format!("cannot prepare spawning: {e}"))?,
             // A successor carries the counts on from the ledger; this takeover is one more.
             counters: if fresh {
                 crate::counters::Counters::default()

@@ -131,6 +131,7 @@ pub(super) struct Master {
     pub(super) hand_over: bool,
     /// systemd's notify socket, when run under a Type=notify unit.
     pub(super) notifier: Option<crate::notify::Notifier>,
+    pub(super) launcher: spawn::Launcher,
 }
 
 /// What a new master knows about how it came to be one.
@@ -334,7 +335,7 @@ impl Master {
     pub(super) fn spawn_slot(&mut self, ctx: &DaemonCtx, poll: &Poll, i: usize) {
         let name = self.slots[i].name;
         self.slots[i].restart_at = None;
-        match spawn::spawn_daemon(&ctx.exe, name, &ctx.dir) {
+        match self.launcher.spawn(name, &ctx.dir.log_file(name)) {
             Ok((pid, fd)) => {
                 let token = match self.watch(poll, &fd, name) {
                     Ok(t) => t,
@@ -415,7 +416,7 @@ impl Master {
         }
     }
 
-    /// A daemon exited. The hot path is reap → spawn; bookkeeping comes after.
+    /// A daemon exited. The hot path is spawn; reaping and bookkeeping come after.
     pub(super) fn on_exit(&mut self, ctx: &DaemonCtx, poll: &Poll, i: usize) {
         let Some(slot) = self.slots.get_mut(i) else {
             return;
@@ -430,13 +431,6 @@ impl Master {
             return;
         }
         let proc = slot.proc.take().expect("checked above");
-        self.unwatch(poll, &proc);
-        let slot = &mut self.slots[i];
-        let how = if proc.child {
-            spawn::reap(proc.pid)
-        } else {
-            None
-        };
         let now = Instant::now();
         let recovery = proc.killing.unwrap_or(Recovery {
             cause: if proc.manual {
@@ -465,6 +459,20 @@ impl Master {
                 log::warn!("{name} restarts in {} ms (backoff)", delay.as_millis());
             }
         }
+        // The replacement's exec is still running when posix_spawn returns (a vfork child
+        // releases its parent before it has loaded the image), and the woken parent would
+        // preempt it for the bookkeeping below. Let it finish first.
+        if self.slots[i].proc.is_some() {
+            std::thread::yield_now();
+        }
+        // Reaping (the kernel frees the dead task then, tens of µs) and unwatching wait
+        // until the replacement is on its way: the zombie keeps its pid from reuse.
+        self.unwatch(poll, &proc);
+        let how = if proc.child {
+            spawn::reap(proc.pid)
+        } else {
+            None
+        };
         let mut ev = Event::new("exited");
         ev.role = Some(name.role);
         ev.id = Some(name.id);
