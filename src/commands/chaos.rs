@@ -37,6 +37,7 @@ struct Kill {
     offset: Duration,
 }
 
+#[inline(never)]
 pub fn run(common: &Common, opts: &Options) -> Result<i32, String> {
     let dir = common.runtime_dir()?;
     let cfg = Config::load(&dir.config_file()).map_err(|_| {

@@ -12,6 +12,7 @@ pub struct Options {
     pub follow: bool,
 }
 
+#[inline(never)]
 pub fn run(common: &Common, opts: &Options) -> Result<(), String> {
     let dir = common.runtime_dir()?;
     let path = dir.events();

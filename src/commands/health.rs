@@ -98,6 +98,7 @@ pub fn judge(s: &Snapshot) -> (Verdict, Vec<String>) {
     }
 }
 
+#[inline(never)]
 pub fn run(common: &Common, json: bool) -> Result<i32, String> {
     let dir = common.runtime_dir()?;
     let (verdict, reasons) = match status::snapshot(&dir) {

@@ -12,6 +12,7 @@ use super::Common;
 use crate::config::{Config, SlotName};
 use crate::logfiles;
 
+#[inline(never)]
 pub fn run(common: &Common, which: Option<&str>, last: usize, follow: bool) -> Result<(), String> {
     let dir = common.runtime_dir()?;
     let logs = dir.logs_dir();

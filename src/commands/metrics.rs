@@ -10,6 +10,7 @@ use crate::config::Role;
 use crate::counters::BUCKETS;
 use crate::protocol::SlotState;
 
+#[inline(never)]
 pub fn run(common: &Common) -> Result<i32, String> {
     let dir = common.runtime_dir()?;
     match status::snapshot(&dir) {

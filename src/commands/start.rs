@@ -14,6 +14,7 @@ use crate::protocol::{Request, Response, SlotState};
 use crate::runtime_dir::{LeaderLock, RuntimeDir};
 use crate::spawn::ENV_FRESH_START;
 
+#[inline(never)]
 pub fn run(common: &Common, foreground: bool) -> Result<(), String> {
     let cfg = common.load_config()?;
     let dir = RuntimeDir::resolve(common.runtime_dir.as_deref(), cfg.runtime_dir.as_deref());

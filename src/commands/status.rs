@@ -112,6 +112,7 @@ pub fn snapshot(dir: &RuntimeDir) -> Result<Snapshot, String> {
     })
 }
 
+#[inline(never)]
 pub fn run(common: &Common, json: bool, watch: bool) -> Result<i32, String> {
     let dir = common.runtime_dir()?;
     if watch {

@@ -10,6 +10,7 @@ use crate::config::{Config, Role, SlotName};
 use crate::protocol::{Request, Response, SlotState, StatusReport};
 use crate::runtime_dir::RuntimeDir;
 
+#[inline(never)]
 pub fn restart(common: &Common, name: &str) -> Result<(), String> {
     let slot = SlotName::parse(name)
         .ok_or_else(|| format!("`{name}` is not a daemon name (like workflow-3 or watchdog-1)"))?;
@@ -49,6 +50,7 @@ pub fn restart(common: &Common, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+#[inline(never)]
 pub fn reload(common: &Common) -> Result<(), String> {
     let cfg = common
         .load_config()
@@ -59,6 +61,7 @@ pub fn reload(common: &Common) -> Result<(), String> {
 }
 
 /// `scale workflow=8 watchdog=5`: the running config with new counts.
+#[inline(never)]
 pub fn scale(common: &Common, assignments: &[String]) -> Result<(), String> {
     if assignments.is_empty() {
         return Err("scale needs at least one ROLE=COUNT, like workflow=8".into());

@@ -13,6 +13,7 @@ use crate::protocol::{Request, Response};
 use crate::runtime_dir::{LeaderLock, RuntimeDir};
 use crate::spawn;
 
+#[inline(never)]
 pub fn run(common: &Common) -> Result<(), String> {
     let dir = common.runtime_dir()?;
     if !dir.exists() {
