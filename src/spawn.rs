@@ -32,16 +32,16 @@ pub struct Launcher {
     image: CString,
     arg0: CString,
     runtime_dir: CString,
-    /// Our environment without the variables that belong to one process only.
+    /// Our environment as the master holds it: communicator::run has already taken out
+    /// the marker variables that belonged to its own start.
     env: Vec<CString>,
     devnull: CString,
+    attrs: SpawnAttrs,
 }
 
 impl Launcher {
     pub fn new(exe: &Path, dir: &RuntimeDir) -> io::Result<Launcher> {
-        let private = [ENV_FRESH_START, ENV_LEADER_FD, ENV_TAKEOVER_FROM];
         let env = std::env::vars_os()
-            .filter(|(k, _)| !private.iter().any(|p| k == p))
             .map(|(k, v)| {
                 let mut kv = k.into_vec();
                 kv.push(b'=');
@@ -55,6 +55,7 @@ impl Launcher {
             runtime_dir: c_string(dir.path().as_os_str().as_bytes())?,
             env,
             devnull: c_string("/dev/null")?,
+            attrs: SpawnAttrs::new()?,
         })
     }
 
@@ -89,7 +90,6 @@ impl Launcher {
             0o600,
         )?;
         actions.dup2(1, 2)?;
-        let attrs = SpawnAttrs::new()?;
         let mut pid: libc::pid_t = 0;
         // SAFETY: every pointer is valid for the call: NUL-terminated strings owned by
         // `self` or this frame, NULL-terminated arrays, initialised actions and attrs.
@@ -98,7 +98,7 @@ impl Launcher {
                 &mut pid,
                 self.image.as_ptr(),
                 &actions.0,
-                &attrs.0,
+                &self.attrs.0,
                 argv.as_ptr() as *const *mut libc::c_char,
                 envp.as_ptr() as *const *mut libc::c_char,
             )
