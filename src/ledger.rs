@@ -48,6 +48,57 @@ impl Event {
             ..Event::default()
         }
     }
+
+    /// An event about one slot's process.
+    pub fn about(event: &str, slot: SlotName, pid: i32) -> Event {
+        Event {
+            role: Some(slot.role),
+            id: Some(slot.id),
+            pid: Some(pid),
+            ..Event::new(event)
+        }
+    }
+
+    pub fn slot(&self) -> Option<SlotName> {
+        Some(SlotName {
+            role: self.role?,
+            id: self.id?,
+        })
+    }
+}
+
+/// Why a process was replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cause {
+    Crash,
+    Hang,
+    Failover,
+    /// Asked for (`nexus restart`): a replacement on purpose, not a failure.
+    Manual,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 4] = [Cause::Crash, Cause::Hang, Cause::Failover, Cause::Manual];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Crash => "crash",
+            Cause::Hang => "hang",
+            Cause::Failover => "failover",
+            Cause::Manual => "manual",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Cause> {
+        Cause::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 pub struct Ledger {
@@ -128,13 +179,21 @@ pub fn last_master(path: &Path) -> Option<(i32, SlotName)> {
         })
 }
 
+/// A failure the ledger records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failure {
+    pub slot: SlotName,
+    pub pid: i32,
+    pub cause: Cause,
+}
+
 /// What a new master needs from its predecessors' ledger: the last pid each slot had,
 /// and the failures nobody recorded a recovery for (the old master died first).
 #[derive(Debug, Default)]
 pub struct History {
     pub last_pid: HashMap<SlotName, i32>,
-    /// (slot, failed pid, cause), oldest first.
-    pub unclosed: Vec<(SlotName, i32, String)>,
+    /// Failures without a recorded recovery, oldest first.
+    pub unclosed: Vec<Failure>,
     /// What `nexus metrics` counts, since the cluster started.
     pub counters: crate::counters::Counters,
 }
@@ -149,16 +208,13 @@ impl History {
             return h;
         };
         let text = older + "\n" + &current;
-        let mut failures: Vec<(SlotName, i32, String)> = Vec::new();
+        let mut failures: Vec<Failure> = Vec::new();
         let mut closed: HashSet<i32> = HashSet::new();
         for ev in text
             .lines()
             .filter_map(|l| serde_json::from_str::<Event>(l).ok())
         {
-            let slot = match (ev.role, ev.id) {
-                (Some(role), Some(id)) => Some(SlotName { role, id }),
-                _ => None,
-            };
+            let slot = ev.slot();
             match (ev.event.as_str(), slot, ev.pid) {
                 ("started", ..) => {
                     h = History::default();
@@ -183,17 +239,26 @@ impl History {
                         h.last_pid.insert(s, p);
                     }
                 }
-                ("exited", Some(s), Some(p)) if ev.cause.is_some() => {
-                    failures.push((s, p, ev.cause.clone().unwrap_or_default()));
+                ("exited", Some(slot), Some(pid)) if ev.cause.is_some() => {
+                    let cause = ev.cause.as_deref().and_then(Cause::parse);
+                    failures.push(Failure {
+                        slot,
+                        pid,
+                        cause: cause.unwrap_or(Cause::Crash),
+                    });
                 }
-                ("killed", Some(s), Some(p)) => failures.push((s, p, "hang".into())),
+                ("killed", Some(slot), Some(pid)) => failures.push(Failure {
+                    slot,
+                    pid,
+                    cause: Cause::Hang,
+                }),
                 _ => {}
             }
         }
         let mut seen = HashSet::new();
         h.unclosed = failures
             .into_iter()
-            .filter(|(_, pid, _)| !closed.contains(pid) && seen.insert(*pid))
+            .filter(|f| !closed.contains(&f.pid) && seen.insert(f.pid))
             .collect();
         h
     }
@@ -346,14 +411,14 @@ mod tests {
         );
         assert_eq!(
             h.unclosed,
-            vec![(
-                SlotName {
+            vec![Failure {
+                slot: SlotName {
                     role: Role::Workflow,
                     id: 2
                 },
-                20,
-                "hang".to_string()
-            )]
+                pid: 20,
+                cause: Cause::Hang
+            }]
         );
     }
 

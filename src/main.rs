@@ -11,6 +11,7 @@ mod logfiles;
 mod notify;
 mod procscan;
 mod protocol;
+mod restart_policy;
 mod roles;
 mod runtime_dir;
 mod spawn;

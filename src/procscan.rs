@@ -54,6 +54,13 @@ pub fn daemon_slot(pid: i32, dir: &Path) -> Option<SlotName> {
     (Path::new(&d) == dir).then_some(slot)
 }
 
+/// A pidfd for daemon `slot` of `dir` running as `pid`, checked after the open: the pidfd
+/// pins the process, so a pid recycled between a scan and the open is never signalled.
+pub fn open_daemon(pid: i32, slot: SlotName, dir: &Path) -> Option<std::os::fd::OwnedFd> {
+    let fd = crate::spawn::pidfd_open(pid).ok()?;
+    (daemon_slot(pid, dir) == Some(slot)).then_some(fd)
+}
+
 /// Every daemon of `dir`, in pid order.
 pub fn daemons_of(dir: &Path) -> Vec<Found> {
     let Ok(entries) = fs::read_dir("/proc") else {
@@ -88,7 +95,7 @@ pub fn cpu_ticks(pid: i32) -> Option<u64> {
 /// The fields after the `(comm)` of /proc/PID/stat: index 0 is field 3 (state).
 fn stat_fields(pid: i32) -> Option<Vec<String>> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &s[s.rfind(')')? + 2..];
+    let after = s.get(s.rfind(')')? + 2..)?;
     Some(after.split_whitespace().map(str::to_string).collect())
 }
 

@@ -99,8 +99,37 @@ pub enum Response {
         changes: Vec<String>,
     },
     Error {
+        /// What kind of refusal, for callers that branch on it.
+        #[serde(default)]
+        kind: ErrorKind,
         message: String,
     },
+}
+
+/// Why the master refused a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The cluster is being stopped: nothing new is started.
+    Stopping,
+    /// No such slot (or service) in the running config.
+    NoSuchSlot,
+    /// The target is in the middle of something (being stopped, being replaced).
+    Busy,
+    /// About a process that is no longer the slot's current one.
+    Stale,
+    /// Malformed, forged or impossible: nothing changed.
+    #[default]
+    Refused,
+}
+
+impl Response {
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+        Response::Error {
+            kind,
+            message: message.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -149,7 +149,7 @@ fn status(dir: &RuntimeDir) -> Result<StatusReport, String> {
 fn ask(dir: &RuntimeDir, req: &Request) -> Result<Vec<String>, String> {
     match client::request(&dir.control_socket(), req, Duration::from_secs(5))? {
         Response::Applied { changes } => Ok(changes),
-        Response::Error { message } => Err(message),
+        Response::Error { message, .. } => Err(message),
         other => Err(format!("unexpected answer from the master: {other:?}")),
     }
 }
