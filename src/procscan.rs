@@ -1,5 +1,10 @@
 //! Finding a runtime directory's daemons from /proc by their command line — how a new
 //! master adopts a cluster it did not spawn, and how `stop` works without the master.
+//!
+//! A daemon is recognised by the shape of its arguments after argv[0], not by the binary's
+//! name: a user may copy or link the binary under another name, and a daemon must still be
+//! found by `stop` and adopted by a new master. Only our own uid's processes are looked at,
+//! and the runtime directory must match exactly.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -13,8 +18,9 @@ pub struct Found {
     pub slot: SlotName,
 }
 
-/// Parses `<path>/nexus daemon --role R --id N --runtime-dir DIR`, the one shape every
-/// daemon's command line has. Returns the slot and the directory.
+/// Parses `<binary> daemon --role R --id N --runtime-dir DIR`, the one shape every
+/// daemon's command line has, whatever the binary is called. Returns the slot and the
+/// directory.
 pub fn parse_daemon_cmdline(args: &[&str]) -> Option<(SlotName, String)> {
     let [
         exe,
@@ -29,7 +35,7 @@ pub fn parse_daemon_cmdline(args: &[&str]) -> Option<(SlotName, String)> {
     else {
         return None;
     };
-    if Path::new(exe).file_name()? != "nexus" {
+    if exe.is_empty() {
         return None;
     }
     let slot = SlotName {
@@ -163,8 +169,8 @@ mod tests {
             "/t",
         ];
         assert!(parse_daemon_cmdline(&bad_role).is_none());
-        let other_bin = [
-            "/x/vim",
+        let renamed = [
+            "/opt/bin/supervisor",
             "daemon",
             "--role",
             "watchdog",
@@ -173,7 +179,33 @@ mod tests {
             "--runtime-dir",
             "/t",
         ];
-        assert!(parse_daemon_cmdline(&other_bin).is_none());
+        assert!(
+            parse_daemon_cmdline(&renamed).is_some(),
+            "a copy under another name is still a daemon"
+        );
+        let extra = [
+            "/x/nexus",
+            "daemon",
+            "--role",
+            "watchdog",
+            "--id",
+            "2",
+            "--runtime-dir",
+            "/t",
+            "--verbose",
+        ];
+        assert!(parse_daemon_cmdline(&extra).is_none());
+        let zero = [
+            "/x/nexus",
+            "daemon",
+            "--role",
+            "watchdog",
+            "--id",
+            "0",
+            "--runtime-dir",
+            "/t",
+        ];
+        assert!(parse_daemon_cmdline(&zero).is_none());
         assert!(parse_daemon_cmdline(&["/x/nexus", "status"]).is_none());
     }
 
