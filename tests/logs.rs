@@ -66,9 +66,10 @@ fn logs_of_all_daemons_merge_and_follow() {
         text(&bad)
     );
 
-    // -f shows what happens next: a killed workflow's replacement logs its start.
+    // -f shows what happens next: a killed workflow's replacement logs its start. The
+    // follower prints the last line first: once that has arrived it is following.
     let mut follower = std::process::Command::new(NEXUS)
-        .args(["logs", "workflow-2", "-f", "-n", "0", "--runtime-dir"])
+        .args(["logs", "workflow-2", "-f", "-n", "1", "--runtime-dir"])
         .arg(c.path())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -87,11 +88,17 @@ fn logs_of_all_daemons_merge_and_follow() {
             }
         }
     });
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !seen.contains('\n') && std::time::Instant::now() < deadline {
+        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push_str(&chunk);
+        }
+    }
+    assert!(seen.contains("workflow-2"), "the last line first: {seen:?}");
     let victim = c.pid_of("workflow", 2).unwrap();
     signal(victim, libc::SIGKILL);
     let new = c.wait_replaced("workflow", 2, victim);
-    let mut seen = String::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !seen.contains(&format!("[{new}]")) && std::time::Instant::now() < deadline {
         if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
             seen.push_str(&chunk);

@@ -45,17 +45,32 @@ pub fn run(common: &Common, which: Option<&str>, last: usize, follow: bool) -> R
             all
         }
     };
+    // Where each file ends now: the tail is read up to there and following starts there,
+    // so a line written meanwhile is shown exactly once, not lost between the two.
+    let ends: BTreeMap<PathBuf, (u64, u64)> = files
+        .iter()
+        .filter_map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .map(|m| (f.clone(), (m.ino(), m.len())))
+        })
+        .collect();
     // Lines start with an RFC 3339 timestamp, so sorting merges the files by time.
     let mut lines: Vec<String> = files
         .iter()
-        .flat_map(|f| tail_lines(f, keep, last))
+        .flat_map(|f| {
+            let end = ends.get(f).map_or(0, |&(_, len)| len);
+            tail_lines(f, end, keep, last)
+        })
         .collect();
     lines.sort();
     for l in &lines[lines.len().saturating_sub(last)..] {
         println!("{l}");
     }
     if follow {
-        follow_files(&files);
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        follow_files(&files, ends);
     }
     Ok(())
 }
@@ -77,16 +92,21 @@ fn known(logs: &Path) -> Vec<String> {
     names
 }
 
-/// The last `n` lines of a log, reaching into its rotated predecessors when short.
-fn tail_lines(path: &Path, keep: u32, n: usize) -> Vec<String> {
+/// The last `n` lines of a log (up to byte `end` of the current file), reaching into its
+/// rotated predecessors when short.
+fn tail_lines(path: &Path, end: u64, keep: u32, n: usize) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    let mut sources = vec![path.to_path_buf()];
-    sources.extend(logfiles::rotated(path, keep));
-    for src in sources {
+    let mut sources = vec![(path.to_path_buf(), end)];
+    sources.extend(
+        logfiles::rotated(path, keep)
+            .into_iter()
+            .map(|p| (p, u64::MAX)),
+    );
+    for (src, end) in sources {
         if out.len() >= n {
             break;
         }
-        let text = read_tail(&src, 256 * 1024);
+        let text = read_tail(&src, end, 256 * 1024);
         let mut older: Vec<String> = text.lines().map(str::to_string).collect();
         older.append(&mut out);
         out = older;
@@ -95,17 +115,18 @@ fn tail_lines(path: &Path, keep: u32, n: usize) -> Vec<String> {
     out.split_off(skip)
 }
 
-fn read_tail(path: &Path, max: u64) -> String {
+/// At most `max` bytes before byte `end` of a file, from the start of a line.
+fn read_tail(path: &Path, end: u64, max: u64) -> String {
     let Ok(mut f) = File::open(path) else {
         return String::new();
     };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0).min(end);
     let start = len.saturating_sub(max);
     if f.seek(SeekFrom::Start(start)).is_err() {
         return String::new();
     }
     let mut bytes = Vec::new();
-    let _ = f.read_to_end(&mut bytes);
+    let _ = f.take(len - start).read_to_end(&mut bytes);
     let text = String::from_utf8_lossy(&bytes).into_owned();
     // A cut first line is dropped rather than shown half.
     if start > 0 {
@@ -116,18 +137,11 @@ fn read_tail(path: &Path, max: u64) -> String {
     }
 }
 
-/// Polls the files every 200 ms; a changed inode means the log was rotated: read the
-/// new file from its start. Ends with Ctrl-C (bounded: a week of polls).
-fn follow_files(files: &[PathBuf]) {
-    let mut pos: BTreeMap<PathBuf, (u64, u64)> = files
-        .iter()
-        .filter_map(|f| {
-            std::fs::metadata(f)
-                .ok()
-                .map(|m| (f.clone(), (m.ino(), m.len())))
-        })
-        .collect();
-    for _ in 0..3_024_000 {
+/// Polls the files every 200 ms from where they ended (`pos`: inode and offset); a
+/// changed inode means the log was rotated: read the new file from its start. Ends with
+/// Ctrl-C.
+fn follow_files(files: &[PathBuf], mut pos: BTreeMap<PathBuf, (u64, u64)>) {
+    loop {
         std::thread::sleep(Duration::from_millis(200));
         for f in files {
             let Ok(meta) = std::fs::metadata(f) else {
@@ -156,5 +170,7 @@ fn follow_files(files: &[PathBuf]) {
             print!("{}", String::from_utf8_lossy(&chunk[..upto]));
             pos.insert(f.clone(), (meta.ino(), offset + upto as u64));
         }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
     }
 }
