@@ -6,19 +6,16 @@
 # functions; nothing is built, made or started until a script calls one.
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin="$repo/target/release/nexus"
+# Where `cargo build --release` puts it: .cargo/config.toml builds for the host's own
+# triple explicitly (see there why).
+bin="$repo/target/$(uname -m)-unknown-linux-gnu/release/nexus"
 
-# The release binary, built if missing: with the repo's static build recipe (as ./start
-# does) if there is one, else plain cargo. Build output goes to stderr: stdout is the
-# script's report.
+# The release binary, built if missing (as ./start does). Build output goes to stderr:
+# stdout is the script's report.
 build_if_missing() {
     [[ ! -x "$bin" ]] || return 0
     echo "building nexus (release)..." >&2
-    if [[ -x "$repo/scripts/build-release" ]]; then
-        "$repo/scripts/build-release" >&2
-    else
-        cargo build --release --manifest-path "$repo/Cargo.toml" >&2
-    fi
+    "$repo/scripts/build-release" >/dev/null
 }
 
 # --- the runtime directory ------------------------------------------------------------

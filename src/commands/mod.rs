@@ -2,7 +2,7 @@
 //!
 //! Each entry point is `#[inline(never)]`: inlined, they made `main` a 46 kB function that
 //! every daemon runs a little of, which put most of it in every daemon's resident set
-//! (see scripts/build-release).
+//! (see .cargo/config.toml).
 
 pub mod chaos;
 pub mod events;
