@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::services::spec::{InstanceName, Problems, ServiceSpec};
+
 /// The three kinds of daemon the universal binary can become.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -95,6 +97,21 @@ pub struct Config {
     pub log_files: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime_dir: Option<PathBuf>,
+    /// The user's programs, each instance hosted by one workflow (see services::spec).
+    #[serde(
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "serialize_services"
+    )]
+    pub services: Vec<ServiceSpec>,
+}
+
+fn serialize_services<S: serde::Serializer>(v: &[ServiceSpec], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(v.len()))?;
+    for spec in v {
+        seq.serialize_element(&spec.to_json())?;
+    }
+    seq.end()
 }
 
 impl Default for Config {
@@ -114,6 +131,7 @@ impl Default for Config {
             log_max_bytes: 10_000_000,
             log_files: 3,
             runtime_dir: None,
+            services: Vec::new(),
         }
     }
 }
@@ -167,10 +185,21 @@ pub const KEYS: &[(&str, &str)] = &[
         "runtime_dir",
         "runtime directory (overridden by --runtime-dir and NEXUS_RUNTIME_DIR)",
     ),
+    (
+        "services",
+        "the programs the workflows run: a list of objects (see below)",
+    ),
 ];
 
+/// Every problem of a config, one line each.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
+
+impl ConfigError {
+    fn from_problems(p: Problems) -> ConfigError {
+        ConfigError(p.0.join("\n"))
+    }
+}
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -178,13 +207,26 @@ impl fmt::Display for ConfigError {
     }
 }
 
+impl ConfigError {
+    /// Each line says which file it is about.
+    fn within(self, path: &Path) -> ConfigError {
+        let lines: Vec<String> = self
+            .0
+            .lines()
+            .map(|l| format!("config {}: {l}", path.display()))
+            .collect();
+        ConfigError(lines.join("\n"))
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
-        Config::parse(&text).map_err(|e| ConfigError(format!("config {}: {}", path.display(), e.0)))
+        Config::parse(&text).map_err(|e| e.within(path))
     }
 
+    /// Parses and validates, collecting every problem (one line each), not only the first.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let value: Value =
             serde_json::from_str(text).map_err(|e| ConfigError(format!("not valid JSON: {e}")))?;
@@ -192,11 +234,41 @@ impl Config {
             return Err(ConfigError("the top level must be a JSON object".into()));
         };
         let mut cfg = Config::default();
+        let mut problems = Problems::default();
         for (key, value) in &map {
-            cfg.set(key, value)?;
+            if key == "services" {
+                cfg.services = crate::services::spec::parse_services(value, &mut problems);
+            } else if let Err(e) = cfg.set(key, value) {
+                problems.push(e.0);
+            }
         }
-        cfg.validate()?;
-        Ok(cfg)
+        if problems.0.is_empty() {
+            cfg.validate(&mut problems);
+        }
+        if problems.0.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::from_problems(problems))
+        }
+    }
+
+    /// `parse`, then the checks against this machine (cwd, users, probe hosts): for where
+    /// a config is accepted (`start`, `reload`), never for a daemon reading config.json.
+    pub fn parse_and_check(text: &str) -> Result<Config, ConfigError> {
+        let cfg = Config::parse(text)?;
+        let mut problems = Problems::default();
+        crate::services::spec::check_environment(&cfg.services, &mut problems);
+        if problems.0.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::from_problems(problems))
+        }
+    }
+
+    pub fn load_and_check(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+        Config::parse_and_check(&text).map_err(|e| e.within(path))
     }
 
     fn set(&mut self, key: &str, value: &Value) -> Result<(), ConfigError> {
@@ -230,20 +302,45 @@ impl Config {
         Ok(())
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self, problems: &mut Problems) {
         if self.timeout_ms < 2 * self.interval_ms {
-            return Err(ConfigError(format!(
+            problems.push(format!(
                 "`timeout_ms` ({}) must be at least twice `interval_ms` ({}), or a single late heartbeat would count as a failure",
                 self.timeout_ms, self.interval_ms
-            )));
+            ));
         }
         if self.backoff_max_ms < self.backoff_initial_ms {
-            return Err(ConfigError(format!(
+            problems.push(format!(
                 "`backoff_max_ms` ({}) must not be below `backoff_initial_ms` ({})",
                 self.backoff_max_ms, self.backoff_initial_ms
-            )));
+            ));
         }
-        Ok(())
+        let instances: u64 = self.services.iter().map(|s| u64::from(s.instances)).sum();
+        if instances > u64::from(self.workflows) {
+            problems.push(format!(
+                "the services have {instances} instances but `workflows` is {}: each instance needs a workflow of its own (raise `workflows` to at least {instances})",
+                self.workflows
+            ));
+        }
+    }
+
+    /// Which instance each workflow hosts (index 0 is workflow-1); None: free.
+    pub fn assignment(&self) -> Vec<Option<InstanceName>> {
+        crate::services::spec::assignment(&self.services, self.workflows)
+    }
+
+    /// The instance workflow `id` hosts, with its service.
+    pub fn hosted_by(&self, workflow_id: u32) -> Option<(&ServiceSpec, InstanceName)> {
+        let inst = self
+            .assignment()
+            .into_iter()
+            .nth(workflow_id.checked_sub(1)? as usize)??;
+        let spec = self.services.iter().find(|s| s.name == inst.service)?;
+        Some((spec, inst))
+    }
+
+    pub fn service(&self, name: &str) -> Option<&ServiceSpec> {
+        self.services.iter().find(|s| s.name == name)
     }
 
     pub fn count_of(&self, role: Role) -> u32 {
@@ -362,6 +459,35 @@ mod tests {
         }
         assert!(Config::parse("[1]").is_err());
         assert!(Config::parse("{").unwrap_err().0.contains("JSON"));
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let err = Config::parse(r#"{"workflows": "five", "bogus": 1, "log_files": 0}"#)
+            .unwrap_err()
+            .0;
+        assert_eq!(err.lines().count(), 3, "{err}");
+        for key in ["`workflows`", "`bogus`", "`log_files`"] {
+            assert!(err.contains(key), "{key} in {err}");
+        }
+    }
+
+    #[test]
+    fn services_need_a_workflow_each_and_round_trip_through_config_json() {
+        let text =
+            r#"{"workflows": 2, "services": [{"name": "web", "command": ["x"], "instances": 3}]}"#;
+        let err = Config::parse(text).unwrap_err().0;
+        assert!(
+            err.contains("3 instances") && err.contains("`workflows` is 2"),
+            "{err}"
+        );
+        let ok =
+            r#"{"workflows": 4, "services": [{"name": "web", "command": ["x"], "instances": 3}]}"#;
+        let cfg = Config::parse(ok).unwrap();
+        assert_eq!(Config::parse(&cfg.to_json()).unwrap(), cfg);
+        assert_eq!(cfg.hosted_by(3).unwrap().1.to_string(), "web-3");
+        assert!(cfg.hosted_by(4).is_none());
+        assert!(Config::default().to_json().find("services").is_none());
     }
 
     #[test]

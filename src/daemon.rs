@@ -72,9 +72,33 @@ pub struct Signals {
     pub source: MioStream,
     terminate: std::sync::Arc<std::sync::atomic::AtomicBool>,
     reload: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    child: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The write end the handlers wake us through (kept to register more signals).
+    writer: std::os::unix::net::UnixStream,
 }
 
 impl Signals {
+    /// Also SIGCHLD, for a workflow that hosts a program: its children and, as a child
+    /// subreaper, the orphans of the program's tree.
+    pub fn with_children() -> io::Result<Signals> {
+        let mut s = Signals::new()?;
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        signal_hook::flag::register(signal_hook::consts::SIGCHLD, flag.clone())?;
+        signal_hook::low_level::pipe::register(
+            signal_hook::consts::SIGCHLD,
+            s.writer.try_clone()?,
+        )?;
+        s.child = Some(flag);
+        Ok(s)
+    }
+
+    /// Whether a SIGCHLD arrived since the last call.
+    pub fn take_child(&self) -> bool {
+        self.child
+            .as_ref()
+            .is_some_and(|f| f.swap(false, std::sync::atomic::Ordering::SeqCst))
+    }
+
     pub fn new() -> io::Result<Signals> {
         let (read, write) = std::os::unix::net::UnixStream::pair()?;
         read.set_nonblocking(true)?;
@@ -87,11 +111,13 @@ impl Signals {
         // SIGHUP: the master changed config.json (reload, scale); re-read it.
         let reload = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
-        signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, write)?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, write.try_clone()?)?;
         Ok(Signals {
             source: MioStream::from_std(read),
             terminate,
             reload,
+            child: None,
+            writer: write,
         })
     }
 

@@ -38,6 +38,19 @@ pub struct Event {
     /// Free text: an exit status, a reason.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub detail: Option<String>,
+    /// A service instance's event: its service, its instance number, and the workflow
+    /// hosting it (`pid` and `old_pid` are then the program's).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub instance: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub workflow: Option<u32>,
+    /// How a program exited: its exit code, or the signal that killed it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub signal: Option<i32>,
 }
 
 impl Event {
@@ -98,6 +111,48 @@ impl Cause {
 impl std::fmt::Display for Cause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Appends to the ledger from a process that does not rotate it (a workflow recording
+/// its service's events): each line one write, and the file reopened when the master has
+/// rotated it, so no line lands in an old file unnoticed for long.
+pub struct Appender {
+    path: std::path::PathBuf,
+    file: Option<File>,
+}
+
+impl Appender {
+    pub fn new(path: &Path) -> Appender {
+        Appender {
+            path: path.to_path_buf(),
+            file: None,
+        }
+    }
+
+    pub fn append(&mut self, event: &Event) {
+        use std::os::unix::fs::MetadataExt;
+        let current = std::fs::metadata(&self.path).ok().map(|m| m.ino());
+        let ours = self
+            .file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| m.ino());
+        if current.is_none() || current != ours {
+            self.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&self.path)
+                .ok();
+        }
+        let mut line = serde_json::to_vec(event).expect("event serializes");
+        line.push(b'\n');
+        if let Some(f) = self.file.as_mut()
+            && let Err(e) = f.write_all(&line)
+        {
+            log::warn!("cannot append to the event ledger: {e}");
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! nexus: a self-healing cluster of local daemons. One binary: the CLI users type, and
 //! every daemon (`nexus daemon --role R --id N --runtime-dir DIR`).
 
+mod child;
 mod client;
 mod commands;
 mod config;
@@ -14,6 +15,7 @@ mod protocol;
 mod restart_policy;
 mod roles;
 mod runtime_dir;
+mod services;
 mod spawn;
 
 use std::path::PathBuf;
@@ -41,6 +43,7 @@ Usage:
   nexus scale   ROLE=N [ROLE=N ...]                  change counts of a running cluster (workflow=8 watchdog=5)
   nexus reload  [--config PATH]                       apply a changed config; a bad one is refused, nothing touched
   nexus restart ROLE-ID                               replace one daemon on purpose (the master hands over)
+  nexus service start|stop|restart NAME[-N]           a service (every instance) or one instance; waits until done
   nexus events  [-n N] [--json] [--follow]            the event ledger (last 20 by default)
   nexus chaos   [--duration S] [--interval S] [--roles R,R] [--signal kill|stop|mixed]
                                                       kill random daemons, then check every failure
@@ -73,7 +76,10 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(Failure::Error(msg)) => {
-            eprintln!("nexus: {msg}");
+            // A config can have several problems: one line each, every one marked.
+            for line in msg.lines() {
+                eprintln!("nexus: {line}");
+            }
             ExitCode::from(1)
         }
     }
@@ -223,6 +229,16 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
             }
             _ => Err(Failure::Usage(
                 "restart takes one daemon name, like workflow-3".into(),
+            )),
+        },
+        "service" => match positional.as_slice() {
+            [action, target] => {
+                commands::service::run(&common, action, target)?;
+                Ok(0)
+            }
+            _ => Err(Failure::Usage(
+                "service takes an action and a name: nexus service start|stop|restart NAME[-N]"
+                    .into(),
             )),
         },
         "reload" => {

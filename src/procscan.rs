@@ -105,6 +105,16 @@ fn stat_fields(pid: i32) -> Option<Vec<String>> {
     Some(after.split_whitespace().map(str::to_string).collect())
 }
 
+/// The process group (field 5 of /proc/PID/stat).
+pub fn pgrp(pid: i32) -> Option<i32> {
+    stat_fields(pid)?.get(2)?.parse().ok()
+}
+
+/// The parent's pid (field 4).
+pub fn ppid(pid: i32) -> Option<i32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
 /// Single-letter process state (R, S, T for stopped, Z for zombie); None if gone.
 pub fn state(pid: i32) -> Option<char> {
     stat_fields(pid)?.first()?.chars().next()

@@ -83,6 +83,19 @@ pub enum Request {
     Reload {
         config: String,
     },
+    /// `nexus service start|stop|restart NAME[-N]`.
+    Service {
+        action: ServiceAction,
+        target: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceAction {
+    Start,
+    Stop,
+    Restart,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

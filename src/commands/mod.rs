@@ -9,6 +9,7 @@ pub mod events;
 pub mod health;
 pub mod logs;
 pub mod metrics;
+pub mod service;
 pub mod start;
 pub mod status;
 pub mod steer;
@@ -46,6 +47,15 @@ impl Common {
     pub fn load_config(&self) -> Result<Config, String> {
         match self.config_path() {
             Some(p) => Config::load(&p).map_err(|e| e.to_string()),
+            None => Ok(Config::default()),
+        }
+    }
+
+    /// The config, also checked against this machine (cwd, users, probe hosts): for
+    /// commands that put a config into effect.
+    pub fn load_checked_config(&self) -> Result<Config, String> {
+        match self.config_path() {
+            Some(p) => Config::load_and_check(&p).map_err(|e| e.to_string()),
             None => Ok(Config::default()),
         }
     }

@@ -16,7 +16,7 @@ use crate::spawn::ENV_FRESH_START;
 
 #[inline(never)]
 pub fn run(common: &Common, foreground: bool) -> Result<(), String> {
-    let cfg = common.load_config()?;
+    let cfg = common.load_checked_config()?;
     let dir = RuntimeDir::resolve(common.runtime_dir.as_deref(), cfg.runtime_dir.as_deref());
     dir.prepare()?;
     let lock = dir.leader_lock();
@@ -40,9 +40,11 @@ pub fn run(common: &Common, foreground: bool) -> Result<(), String> {
             pids.join(", ")
         ));
     }
-    // Leftovers of a crashed run are not a reason to refuse: nothing owns them.
+    // Leftovers of a crashed run are not a reason to refuse: nothing owns them. A fresh
+    // start starts every service (a service stopped by the user before is started too).
     dir.remove_sockets();
     let _ = std::fs::remove_file(dir.stopping_marker());
+    crate::services::state::reset(&dir);
     dir.write_config(&cfg)
         .map_err(|e| format!("cannot write {}: {e}", dir.config_file().display()))?;
 
@@ -105,6 +107,10 @@ pub fn run(common: &Common, foreground: bool) -> Result<(), String> {
                 .map(|m| format!("{} ({:?})", m.slot(), m.state).to_lowercase())
                 .collect();
             if last_missing.is_empty() {
+                if let Err(why) = super::service::wait_ready(&dir, &cfg, deadline, true) {
+                    let _ = super::stop::stop_dir(&dir, cfg.stop_grace_ms, true);
+                    return Err(format!("{why}\nstopped what had started"));
+                }
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;
                 println!(
                     "nexus started in {ms:.1} ms: master pid {master_pid}, runtime dir {}",
@@ -118,6 +124,9 @@ pub fn run(common: &Common, foreground: bool) -> Result<(), String> {
                     cfg.interval_ms,
                     cfg.timeout_ms
                 );
+                if !cfg.services.is_empty() {
+                    println!("{}", super::service::summary(&dir, &cfg));
+                }
                 if foreground {
                     return stay_in_foreground(&dir, &mut master, &cfg);
                 }

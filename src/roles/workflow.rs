@@ -1,49 +1,218 @@
-//! A workflow: for now it stays alive and heartbeats. Its loop has two events: the
-//! heartbeat deadline and a termination signal.
+//! A workflow: hosts one instance of a user's service (see `services::host`), or stays
+//! free for tasks and only heartbeats. Its loop's events: the heartbeat deadline, signals
+//! (SIGTERM, SIGHUP, SIGCHLD), and the hosted instance's pidfd, pipes, probes, notify
+//! socket and state directory; its timeout is the earliest deadline of them all.
+//!
+//! The program outlives the workflow: a SIGKILL or SIGSTOP of the workflow never reaches
+//! it, and a SIGTERM only *releases* it (the successor adopts it) — unless the cluster is
+//! being stopped or the instance was removed from the config, when it is stopped first.
 
 use std::time::Instant;
 
 use mio::{Events, Interest, Poll, Token};
 
+use crate::config::Config;
 use crate::daemon::{DaemonCtx, Heartbeater, MasterProbe, Signals, act_on_probe, poll_until};
+use crate::services::host::{Host, HostState};
+use crate::services::spec::{InstanceName, ServiceSpec};
 
 const SIGNALS: Token = Token(0);
 
-pub fn run(mut ctx: DaemonCtx) -> Result<(), String> {
-    let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
-    let mut signals = Signals::new().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+struct Workflow {
+    ctx: DaemonCtx,
+    poll: Poll,
+    host: Option<Host>,
+    /// Hosted next, once the current host has finished stopping (a reassignment).
+    next: Option<(ServiceSpec, InstanceName)>,
+    /// A termination signal arrived: exit once the host has finished.
+    terminating: bool,
+}
+
+pub fn run(ctx: DaemonCtx) -> Result<(), String> {
+    let poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
+    let mut signals =
+        Signals::with_children().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     poll.registry()
         .register(&mut signals.source, SIGNALS, Interest::READABLE)
         .map_err(|e| format!("cannot poll signals: {e}"))?;
     let mut heart =
         Heartbeater::new(&ctx).map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
     let mut probe = MasterProbe::new(&ctx);
-    let log = ctx.log();
-    let mut events = Events::with_capacity(8);
-    log::info!("workflow {} running", ctx.slot);
+    let mut log = ctx.log();
+    let mut wf = Workflow {
+        ctx,
+        poll,
+        host: None,
+        next: None,
+        terminating: false,
+    };
+    if let Some((spec, name)) = wf.assigned() {
+        wf.host_instance(&spec, name)?;
+    }
+    let mut events = Events::with_capacity(64);
+    log::info!(
+        "workflow {} running{}",
+        wf.ctx.slot,
+        wf.host
+            .as_ref()
+            .map_or(String::new(), |h| format!(", hosting {}", h.name()))
+    );
     loop {
-        if heart.tick(Instant::now()).is_some() {
+        let now = Instant::now();
+        if heart.tick(now).is_some() {
             log.maybe_rotate();
-            if act_on_probe(&ctx, &mut probe) {
+            // Only a free workflow takes over a masterless cluster: its re-exec would drop
+            // a hosted program's pipes.
+            if wf.host.is_none() && act_on_probe(&wf.ctx, &mut probe) {
                 return Ok(());
             }
         }
-        poll_until(&mut poll, &mut events, heart.next_due())?;
-        if events.iter().any(|e| e.token() == SIGNALS) && signals.drain() {
+        if let Some(h) = wf.host.as_mut() {
+            h.tick(&wf.poll);
+        }
+        if wf.after_host_events()? {
+            return Ok(());
+        }
+        let mut wake = heart.next_due();
+        if let Some(h) = &wf.host {
+            if let Some(t) = h.deadline() {
+                wake = wake.min(t);
+            }
+            if h.busy() {
+                wake = Instant::now();
+            }
+        }
+        poll_until(&mut wf.poll, &mut events, wake)?;
+        for event in events.iter() {
+            if event.token() == SIGNALS {
+                if signals.drain() && !wf.terminating {
+                    wf.on_terminate();
+                }
+                if signals.take_child()
+                    && let Some(h) = wf.host.as_mut()
+                {
+                    h.on_children(&wf.poll);
+                }
+                if signals.take_reload() {
+                    match wf.ctx.reload_config() {
+                        Ok(true) => {
+                            heart = Heartbeater::new(&wf.ctx)
+                                .map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
+                            heart.mark_ready_told();
+                            probe = MasterProbe::new(&wf.ctx);
+                            log = wf.ctx.log();
+                            wf.reassign()?;
+                        }
+                        Ok(false) => {
+                            if !wf.terminating {
+                                wf.on_terminate();
+                            }
+                        }
+                        Err(e) => log::warn!("cannot reload the config: {e}"),
+                    }
+                }
+            } else if let Some(h) = wf.host.as_mut() {
+                h.on_event(&wf.poll, event.token(), event.is_read_closed());
+            }
+        }
+        if let Some(h) = wf.host.as_mut() {
+            h.pump_more(&wf.poll);
+        }
+        if wf.after_host_events()? {
+            return Ok(());
+        }
+        if wf.terminating && wf.host.is_none() {
             log::info!("terminating on signal");
             return Ok(());
         }
-        if signals.take_reload() {
-            match ctx.reload_config() {
-                Ok(true) => {
-                    heart = Heartbeater::new(&ctx)
-                        .map_err(|e| format!("cannot create heartbeat socket: {e}"))?;
-                    heart.mark_ready_told();
-                    probe = MasterProbe::new(&ctx);
-                }
-                Ok(false) => return Ok(()),
-                Err(e) => log::warn!("cannot reload the config: {e}"),
-            }
+    }
+}
+
+impl Workflow {
+    fn assigned(&self) -> Option<(ServiceSpec, InstanceName)> {
+        self.ctx
+            .config
+            .hosted_by(self.ctx.slot.id)
+            .map(|(s, n)| (s.clone(), n))
+    }
+
+    fn host_instance(&mut self, spec: &ServiceSpec, name: InstanceName) -> Result<(), String> {
+        // Orphans of the program's tree come back to us, to be reaped and stopped.
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        self.host = Some(Host::new(&self.ctx, &self.poll, spec, name)?);
+        Ok(())
+    }
+
+    /// Whether the instance is still part of `cfg` (hosted by someone).
+    fn exists(cfg: &Config, name: &InstanceName) -> bool {
+        cfg.assignment().iter().flatten().any(|n| n == name)
+    }
+
+    /// SIGTERM or SIGINT: stop the program if the cluster is stopping or the instance is
+    /// gone; otherwise hand it over (it keeps running; the successor adopts it).
+    fn on_terminate(&mut self) {
+        self.terminating = true;
+        let Some(h) = self.host.as_mut() else {
+            return;
+        };
+        let cfg =
+            Config::load(&self.ctx.dir.config_file()).unwrap_or_else(|_| self.ctx.config.clone());
+        let stopping = self.ctx.dir.stopping_marker().exists();
+        if stopping || !Self::exists(&cfg, h.name()) {
+            log::info!("stopping {} before exiting", h.name());
+            h.shutdown(&self.poll);
+        } else {
+            log::info!("handing {} over: it keeps running", h.name());
+            h.release(&self.poll);
         }
+    }
+
+    /// The config changed: keep, reconfigure, release or stop the hosted instance.
+    fn reassign(&mut self) -> Result<(), String> {
+        let new = self.assigned();
+        match (self.host.as_mut(), new) {
+            (Some(h), Some((spec, name))) if *h.name() == name => {
+                let cfg = self.ctx.config.clone();
+                h.reconfigure(&self.poll, &cfg, &spec);
+            }
+            (Some(h), new) => {
+                if Self::exists(&self.ctx.config, h.name()) {
+                    log::info!("{} moves to another workflow: handing it over", h.name());
+                    h.release(&self.poll);
+                } else {
+                    log::info!("{} was removed from the config: stopping it", h.name());
+                    h.shutdown(&self.poll);
+                }
+                self.next = new;
+            }
+            (None, Some((spec, name))) => self.host_instance(&spec, name)?,
+            (None, None) => {}
+        }
+        Ok(())
+    }
+
+    /// A host that has finished goes; a reassignment waiting for it starts. True: exit.
+    fn after_host_events(&mut self) -> Result<bool, String> {
+        if self
+            .host
+            .as_ref()
+            .is_none_or(|h| h.state() == HostState::Running)
+        {
+            return Ok(false);
+        }
+        if let Some(h) = self.host.take()
+            && !Self::exists(&self.ctx.config, h.name())
+        {
+            h.forget();
+        }
+        if self.terminating {
+            log::info!("terminating on signal");
+            return Ok(true);
+        }
+        if let Some((spec, name)) = self.next.take() {
+            self.host_instance(&spec, name)?;
+        }
+        Ok(false)
     }
 }

@@ -10,7 +10,8 @@ use super::{Master, round3};
 use crate::config::{Role, SlotName};
 use crate::daemon::DaemonCtx;
 use crate::ledger::{Cause, Event};
-use crate::protocol::{ErrorKind, Request, Response, StatusReport};
+use crate::protocol::{ErrorKind, Request, Response, ServiceAction, StatusReport};
+use crate::services::state::Desired;
 use crate::spawn;
 
 impl Master {
@@ -47,7 +48,58 @@ impl Master {
                 pid,
                 silent_ms,
             } => self.on_silent(ctx, peer, reporter, SlotName { role, id }, pid, silent_ms),
+            Request::Service { action, target } => self.service(ctx, action, &target),
         }
+    }
+
+    /// `nexus service start|stop|restart`: the wish goes into desired.json, which every
+    /// hosting workflow watches; it survives failovers and reloads (a stopped service
+    /// stays stopped until started).
+    fn service(&mut self, ctx: &DaemonCtx, action: ServiceAction, target: &str) -> Response {
+        if self.stopping {
+            return Response::error(ErrorKind::Stopping, "the cluster is stopping");
+        }
+        let names = match crate::services::spec::targets(&ctx.config.services, target) {
+            Ok(n) => n,
+            Err(e) => return Response::error(ErrorKind::NoSuchSlot, e),
+        };
+        let mut desired = Desired::read(&ctx.dir);
+        let mut changes = Vec::new();
+        for n in &names {
+            let w = desired.instances.entry(n.to_string()).or_default();
+            let verb = match action {
+                ServiceAction::Stop => {
+                    w.stopped = true;
+                    "stopping"
+                }
+                ServiceAction::Start => {
+                    w.stopped = false;
+                    w.start_gen += 1;
+                    "starting"
+                }
+                ServiceAction::Restart => {
+                    w.stopped = false;
+                    w.restart_gen += 1;
+                    "restarting"
+                }
+            };
+            changes.push(format!("{n}: {verb}"));
+        }
+        if let Err(e) = desired.write(&ctx.dir) {
+            return Response::error(
+                ErrorKind::Refused,
+                format!("cannot write desired.json: {e}"),
+            );
+        }
+        let mut ev = Event::new(match action {
+            ServiceAction::Stop => "service_stop",
+            ServiceAction::Start => "service_start",
+            ServiceAction::Restart => "service_restart",
+        });
+        ev.service = names.first().map(|n| n.service.clone());
+        ev.detail = Some(changes.join(", "));
+        self.ledger.append(&ev);
+        Response::Applied { changes }
     }
 
     fn status(&self, ctx: &DaemonCtx) -> StatusReport {

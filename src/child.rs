@@ -1,0 +1,469 @@
+//! Starting any program: an argv, an environment, a working directory, an identity,
+//! rlimits, its own process group, a cgroup to join, and the three standard streams.
+//! The daemons' own respawn uses `spawn::Launcher` (posix_spawn, prepared once); a user's
+//! program needs what posix_spawn cannot do (rlimits, setuid, joining a cgroup before the
+//! first instruction), so it is fork + exec from a single-threaded workflow, which is also
+//! what the bare C respawner the benchmarks compare against does.
+//!
+//! Everything the child needs is prepared before the fork; between fork and exec the child
+//! makes raw system calls only (async-signal-safe). An exec that fails is reported through
+//! a close-on-exec pipe, so the caller learns ENOENT or EACCES at once, with the errno.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// A program, prepared to be started (possibly many times).
+#[derive(Debug, Clone)]
+pub struct Program {
+    /// argv[0] as given; resolved through PATH at each start.
+    pub argv: Vec<String>,
+    /// The complete environment (`KEY=VALUE`).
+    pub env: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    /// uid, gid and supplementary groups to switch to (nexus running as root only).
+    pub identity: Option<(u32, u32, Vec<u32>)>,
+    /// (resource, value) for setrlimit, soft and hard.
+    pub rlimits: Vec<(i32, u64)>,
+}
+
+/// Where the child's standard streams go.
+pub struct Stdio {
+    pub stdin: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+}
+
+/// Why a program could not be started.
+#[derive(Debug)]
+pub struct StartError {
+    pub errno: i32,
+    pub what: String,
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} ({})",
+            self.what,
+            io::Error::from_raw_os_error(self.errno),
+            errno_name(self.errno)
+        )
+    }
+}
+
+/// ENOENT, EACCES…: what users search for.
+pub fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::ENOENT => "ENOENT",
+        libc::EACCES => "EACCES",
+        libc::ENOEXEC => "ENOEXEC",
+        libc::EPERM => "EPERM",
+        libc::ENOTDIR => "ENOTDIR",
+        libc::E2BIG => "E2BIG",
+        libc::ENOMEM => "ENOMEM",
+        libc::ETXTBSY => "ETXTBSY",
+        libc::ELOOP => "ELOOP",
+        libc::EISDIR => "EISDIR",
+        libc::EAGAIN => "EAGAIN",
+        libc::EINVAL => "EINVAL",
+        _ => "errno",
+    }
+}
+
+/// The stage of the child that failed, reported with the errno.
+const STAGE_EXEC: u8 = 0;
+const STAGE_CHDIR: u8 = 1;
+const STAGE_IDENTITY: u8 = 2;
+const STAGE_RLIMIT: u8 = 3;
+const STAGE_CGROUP: u8 = 4;
+const STAGE_STDIO: u8 = 5;
+
+fn c(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in argument"))
+}
+
+/// `argv0` through `PATH` (of the program's own environment), as execvp would.
+pub fn resolve(argv0: &str, env: &[String], cwd: Option<&Path>) -> Option<PathBuf> {
+    if argv0.contains('/') {
+        let p = Path::new(argv0);
+        return Some(match (p.is_relative(), cwd) {
+            (true, Some(dir)) => dir.join(p),
+            _ => p.to_path_buf(),
+        });
+    }
+    let path = env
+        .iter()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(argv0))
+        .find(|p| {
+            std::ffi::CString::new(p.as_os_str().as_bytes()).is_ok_and(|cp| {
+                // SAFETY: a valid C string; access has no other preconditions.
+                unsafe { libc::access(cp.as_ptr(), libc::X_OK) == 0 }
+            }) && !p.is_dir()
+        })
+}
+
+/// Starts `prog` in a new process group (pgid = its pid), optionally joining the cgroup
+/// whose `cgroup.procs` is open as `cgroup_procs`. Returns its pid and a pidfd.
+pub fn start(
+    prog: &Program,
+    stdio: &Stdio,
+    cgroup_procs: Option<RawFd>,
+) -> Result<(i32, OwnedFd), StartError> {
+    let fail = |errno: i32, what: String| StartError { errno, what };
+    let argv0 = prog
+        .argv
+        .first()
+        .ok_or_else(|| fail(libc::EINVAL, "empty argv".into()))?;
+    let path = resolve(argv0, &prog.env, prog.cwd.as_deref())
+        .ok_or_else(|| fail(libc::ENOENT, format!("cannot find {argv0:?} in PATH")))?;
+    let to_c = |s: &str| c(s).map_err(|_| fail(libc::EINVAL, format!("NUL byte in {s:?}")));
+    let path_c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| fail(libc::EINVAL, "NUL byte in the path".into()))?;
+    let argv_c: Vec<CString> = prog
+        .argv
+        .iter()
+        .map(|a| to_c(a))
+        .collect::<Result<_, _>>()?;
+    let env_c: Vec<CString> = prog.env.iter().map(|a| to_c(a)).collect::<Result<_, _>>()?;
+    let mut argv_p: Vec<*const libc::c_char> = argv_c.iter().map(|a| a.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut env_p: Vec<*const libc::c_char> = env_c.iter().map(|a| a.as_ptr()).collect();
+    env_p.push(std::ptr::null());
+    let cwd_c = match &prog.cwd {
+        Some(d) => Some(
+            CString::new(d.as_os_str().as_bytes())
+                .map_err(|_| fail(libc::EINVAL, "NUL byte in cwd".into()))?,
+        ),
+        None => None,
+    };
+    let groups: Vec<libc::gid_t> = prog
+        .identity
+        .as_ref()
+        .map(|(_, _, g)| g.clone())
+        .unwrap_or_default();
+
+    let mut report = [0 as RawFd; 2];
+    // SAFETY: pipe2 fills two fds.
+    if unsafe { libc::pipe2(report.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        let e = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        return Err(fail(e, "cannot create a pipe".into()));
+    }
+    // SAFETY: the fds were just created and are ours.
+    let (report_r, report_w) = unsafe {
+        (
+            OwnedFd::from_raw_fd(report[0]),
+            OwnedFd::from_raw_fd(report[1]),
+        )
+    };
+
+    // SAFETY: the workflow is single-threaded, and the child below makes only raw,
+    // async-signal-safe system calls on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        let e = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EAGAIN);
+        return Err(fail(e, "fork failed".into()));
+    }
+    if pid == 0 {
+        // SAFETY: in the child, see above.
+        unsafe {
+            child(ChildArgs {
+                path: path_c.as_ptr(),
+                argv: argv_p.as_ptr(),
+                env: env_p.as_ptr(),
+                cwd: cwd_c.as_ref().map(|c| c.as_ptr()),
+                identity: prog.identity.as_ref().map(|(u, g, _)| (*u, *g)),
+                groups: &groups,
+                rlimits: &prog.rlimits,
+                cgroup_procs,
+                stdio: [stdio.stdin, stdio.stdout, stdio.stderr],
+                report: report_w.as_raw_fd(),
+            })
+        }
+    }
+    drop(report_w);
+    // The child's pid cannot be reused before we reap it, so this pidfd is for it.
+    let pidfd = crate::spawn::pidfd_open(pid);
+    let mut msg = [0u8; 5];
+    let n = read_full(report_r.as_raw_fd(), &mut msg);
+    if n == 5 {
+        let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
+        // The child has _exit'ed: reap it now.
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        let what = match msg[0] {
+            STAGE_CHDIR => format!("cannot enter the working directory {:?}", prog.cwd),
+            STAGE_IDENTITY => "cannot switch to the configured user".into(),
+            STAGE_RLIMIT => "cannot set a limit".into(),
+            STAGE_CGROUP => "cannot join the service's cgroup".into(),
+            STAGE_STDIO => "cannot set up the standard streams".into(),
+            _ => exec_failure(&path, errno),
+        };
+        return Err(fail(errno, what));
+    }
+    match pidfd {
+        Ok(fd) => Ok((pid, fd)),
+        Err(e) => {
+            // SAFETY: killing and reaping our own child that we cannot watch.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            Err(fail(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                "cannot open a pidfd".into(),
+            ))
+        }
+    }
+}
+
+/// What went wrong with an exec, in words: an ENOENT for an existing file is its `#!`.
+fn exec_failure(path: &Path, errno: i32) -> String {
+    if errno == libc::ENOENT && path.exists() {
+        format!(
+            "cannot execute {}: its interpreter (the #! line) does not exist",
+            path.display()
+        )
+    } else {
+        format!("cannot execute {}", path.display())
+    }
+}
+
+fn read_full(fd: RawFd, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: reading into our own buffer.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        if n > 0 {
+            got += n as usize;
+        } else if n == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            break;
+        }
+    }
+    got
+}
+
+struct ChildArgs<'a> {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    env: *const *const libc::c_char,
+    cwd: Option<*const libc::c_char>,
+    identity: Option<(u32, u32)>,
+    groups: &'a [libc::gid_t],
+    rlimits: &'a [(i32, u64)],
+    cgroup_procs: Option<RawFd>,
+    stdio: [RawFd; 3],
+    report: RawFd,
+}
+
+/// The child between fork and exec: raw system calls only.
+unsafe fn child(a: ChildArgs<'_>) -> ! {
+    unsafe fn die(report: RawFd, stage: u8) -> ! {
+        // SAFETY: reading errno and writing five bytes to our pipe, then leaving.
+        unsafe {
+            let e = *libc::__errno_location();
+            let b = e.to_ne_bytes();
+            let msg = [stage, b[0], b[1], b[2], b[3]];
+            libc::write(report, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127);
+        }
+    }
+    // SAFETY: every call below is async-signal-safe and uses memory prepared before fork.
+    unsafe {
+        // Signals: nothing blocked, everything at its default (Rust ignores SIGPIPE, and
+        // an ignored signal would survive the exec).
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        libc::setpgid(0, 0);
+        if let Some(fd) = a.cgroup_procs
+            && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+        {
+            die(a.report, STAGE_CGROUP);
+        }
+        for (target, &src) in a.stdio.iter().enumerate() {
+            if src != target as RawFd && libc::dup2(src, target as RawFd) < 0 {
+                die(a.report, STAGE_STDIO);
+            }
+            // dup2 onto itself keeps close-on-exec: clear it.
+            let flags = libc::fcntl(target as RawFd, libc::F_GETFD);
+            libc::fcntl(target as RawFd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+        }
+        for &(res, val) in a.rlimits {
+            let lim = libc::rlimit {
+                rlim_cur: val,
+                rlim_max: val,
+            };
+            if libc::setrlimit(res as _, &lim) != 0 {
+                die(a.report, STAGE_RLIMIT);
+            }
+        }
+        if let Some(dir) = a.cwd
+            && libc::chdir(dir) != 0
+        {
+            die(a.report, STAGE_CHDIR);
+        }
+        if let Some((uid, gid)) = a.identity
+            && (libc::setgroups(a.groups.len(), a.groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0)
+        {
+            die(a.report, STAGE_IDENTITY);
+        }
+        libc::execve(a.path, a.argv, a.env);
+        die(a.report, STAGE_EXEC);
+    }
+}
+
+/// How a process ended, as waitpid reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Ended {
+    pub fn from_status(status: i32) -> Ended {
+        if libc::WIFSIGNALED(status) {
+            Ended::Signal(libc::WTERMSIG(status))
+        } else {
+            Ended::Code(libc::WEXITSTATUS(status))
+        }
+    }
+
+    pub fn clean(self) -> bool {
+        self == Ended::Code(0)
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            Ended::Code(c) => format!("exit status {c}"),
+            Ended::Signal(s) => format!("killed by {}", signal_name(s)),
+        }
+    }
+}
+
+pub fn signal_name(s: i32) -> String {
+    nix::sys::signal::Signal::try_from(s).map_or(format!("signal {s}"), |sig| sig.to_string())
+}
+
+/// Reaps one child without blocking: `pid` exactly, or any (`-1`). Returns the pid and
+/// how it ended; None if nothing (more) has ended.
+pub fn reap(pid: i32) -> Option<(i32, Ended)> {
+    let mut status = 0;
+    // SAFETY: waitpid writes the status we own.
+    let got = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    (got > 0).then(|| (got, Ended::from_status(status)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn devnull() -> OwnedFd {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .unwrap()
+            .into()
+    }
+
+    fn prog(argv: &[&str]) -> Program {
+        Program {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec!["PATH=/usr/bin:/bin".into()],
+            cwd: None,
+            identity: None,
+            rlimits: Vec::new(),
+        }
+    }
+
+    fn wait(pid: i32) -> Ended {
+        let mut status = 0;
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        Ended::from_status(status)
+    }
+
+    #[test]
+    fn starts_in_its_own_group_with_the_given_env_cwd_and_limits() {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let null = devnull();
+        let stdio = Stdio {
+            stdin: null.as_raw_fd(),
+            stdout: out.as_file().as_raw_fd(),
+            stderr: null.as_raw_fd(),
+        };
+        let mut p = prog(&[
+            "sh",
+            "-c",
+            "echo $GREETING; pwd; ulimit -n; [ $(ps -o pgid= $$) -eq $$ ] && echo own-group",
+        ]);
+        p.env.push("GREETING=hello".into());
+        p.cwd = Some(PathBuf::from("/tmp"));
+        p.rlimits.push((libc::RLIMIT_NOFILE as i32, 77));
+        let (pid, _fd) = start(&p, &stdio, None).unwrap();
+        assert_eq!(wait(pid), Ended::Code(0));
+        let said = std::fs::read_to_string(out.path()).unwrap();
+        assert_eq!(said, "hello\n/tmp\n77\nown-group\n", "{said}");
+    }
+
+    #[test]
+    fn exec_failures_come_back_with_the_errno() {
+        let null = devnull();
+        let stdio = Stdio {
+            stdin: null.as_raw_fd(),
+            stdout: null.as_raw_fd(),
+            stderr: null.as_raw_fd(),
+        };
+        let e = start(&prog(&["/nonexistent/program"]), &stdio, None).unwrap_err();
+        assert_eq!(e.errno, libc::ENOENT);
+        let e = start(&prog(&["no-such-program-anywhere"]), &stdio, None).unwrap_err();
+        assert_eq!(e.errno, libc::ENOENT);
+        assert!(e.to_string().contains("ENOENT"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("s");
+        std::fs::write(&script, "#!/nonexistent/interpreter\n").unwrap();
+        std::os::unix::fs::PermissionsExt::set_mode(
+            &mut std::fs::metadata(&script).unwrap().permissions(),
+            0o755,
+        );
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let e = start(&prog(&[script.to_str().unwrap()]), &stdio, None).unwrap_err();
+        assert_eq!(e.errno, libc::ENOENT);
+        assert!(e.to_string().contains("interpreter"), "{e}");
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "data").unwrap();
+        let e = start(&prog(&[plain.to_str().unwrap()]), &stdio, None).unwrap_err();
+        assert_eq!(e.errno, libc::EACCES, "{e}");
+        let mut p = prog(&["true"]);
+        p.cwd = Some(PathBuf::from("/nonexistent-dir"));
+        let e = start(&p, &stdio, None).unwrap_err();
+        assert_eq!(e.errno, libc::ENOENT);
+        assert!(e.to_string().contains("working directory"), "{e}");
+    }
+
+    #[test]
+    fn endings_are_described() {
+        assert_eq!(Ended::Code(3).describe(), "exit status 3");
+        assert_eq!(Ended::Signal(9).describe(), "killed by SIGKILL");
+        assert!(Ended::Code(0).clean() && !Ended::Signal(15).clean());
+    }
+}
