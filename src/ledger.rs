@@ -183,7 +183,7 @@ impl Ledger {
             .open(path)
     }
 
-    fn rotate_if_full(&mut self) {
+    pub fn rotate_if_full(&mut self) {
         if self.file.metadata().is_ok_and(|m| m.len() < self.max_bytes) {
             return;
         }

@@ -110,11 +110,6 @@ pub fn pgrp(pid: i32) -> Option<i32> {
     stat_fields(pid)?.get(2)?.parse().ok()
 }
 
-/// The parent's pid (field 4).
-pub fn ppid(pid: i32) -> Option<i32> {
-    stat_fields(pid)?.get(1)?.parse().ok()
-}
-
 /// Single-letter process state (R, S, T for stopped, Z for zombie); None if gone.
 pub fn state(pid: i32) -> Option<char> {
     stat_fields(pid)?.first()?.chars().next()

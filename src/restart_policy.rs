@@ -86,6 +86,13 @@ impl RestartPolicy {
     pub fn failed(&self) -> bool {
         self.failed
     }
+
+    /// The current run has lasted: it is no longer failing (the restarts stay counted in
+    /// the intensity window).
+    pub fn forgive(&mut self) {
+        self.quick_failures = 0;
+        self.failed = false;
+    }
 }
 
 /// Milliseconds of CLOCK_MONOTONIC: comparable between processes of one boot.

@@ -5,6 +5,10 @@
 //! majority of the configured watchdogs are running (hangs can no longer be judged).
 //! DEGRADED: any slot not running (starting, in backoff, failed, down), or a daemon
 //! silent for longer than the timeout (hung, about to be replaced).
+//!
+//! Services: a critical service (the default) not ready makes the cluster CRITICAL,
+//! another one DEGRADED; an unhealthy one (liveness failing, not yet a hang) and one
+//! stopped by the user are DEGRADED; a completed one is fine.
 
 use serde::Serialize;
 
@@ -81,16 +85,39 @@ pub fn judge(s: &Snapshot) -> (Verdict, Vec<String>) {
             degraded.push(format!("{slot} (pid {}) silent for {age:.1} s", d.pid));
         }
     }
+    for r in &s.services {
+        let name = format!("{}-{}", r.name, r.instance);
+        let why = r
+            .last_error
+            .as_deref()
+            .map_or(String::new(), |e| format!(": {e}"));
+        match r.state.as_str() {
+            "ready" | "completed" => {}
+            _ if r.stopped_by_user => {
+                degraded.push(format!("service {name} is stopped by the user"))
+            }
+            "unhealthy" => degraded.push(format!("service {name} is unhealthy{why}")),
+            state if r.critical => {
+                critical.push(format!("service {name} (critical) is {state}{why}"))
+            }
+            state => degraded.push(format!("service {name} is {state}{why}")),
+        }
+    }
     if !critical.is_empty() {
         critical.extend(degraded);
         (Verdict::Critical, critical)
     } else if !degraded.is_empty() {
         (Verdict::Degraded, degraded)
     } else {
+        let services = if s.services.is_empty() {
+            String::new()
+        } else {
+            format!(", {} service instances ready", s.services.len())
+        };
         (
             Verdict::Healthy,
             vec![format!(
-                "{} daemons running, master pid {}",
+                "{} daemons running, master pid {}{services}",
                 s.daemons.len(),
                 s.master_pid
             )],

@@ -1,5 +1,6 @@
-//! `nexus logs [ROLE-ID] [-n N] [-f]`: one daemon's log, or every daemon's merged by
-//! time; `-f` follows across rotations.
+//! `nexus logs [NAME] [-n N] [-f]`: one daemon's log (`workflow-3`), a service's (`web`:
+//! its instances merged) or one instance's (`web-2`), or everything merged by time; `-f`
+//! follows across rotations.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -20,18 +21,29 @@ pub fn run(common: &Common, which: Option<&str>, last: usize, follow: bool) -> R
         Config::load(&dir.config_file()).map_or(Config::default().log_files, |c| c.log_files);
     let files: Vec<PathBuf> = match which {
         Some(name) => {
-            let slot = SlotName::parse(name).ok_or_else(|| {
-                format!("`{name}` is not a daemon name (like workflow-3 or watchdog-1)")
-            })?;
-            let path = dir.log_file(slot);
-            if !path.exists() {
+            let paths = match SlotName::parse(name) {
+                Some(slot) => vec![dir.log_file(slot)],
+                None => {
+                    // A service's instances, merged; or one instance.
+                    let cfg = Config::load(&dir.config_file()).unwrap_or_default();
+                    let names = crate::services::spec::targets(&cfg.services, name).map_err(|e| {
+                        format!("`{name}` is not a daemon name (like workflow-3 or watchdog-1), and {e}")
+                    })?;
+                    names
+                        .iter()
+                        .map(|n| crate::services::state::log_path(&dir, n))
+                        .collect()
+                }
+            };
+            let paths: Vec<PathBuf> = paths.into_iter().filter(|p| p.exists()).collect();
+            if paths.is_empty() {
                 return Err(format!(
-                    "no log for {slot} in {} (known: {})",
+                    "no log for {name} in {} (known: {})",
                     logs.display(),
                     known(&logs).join(", ")
                 ));
             }
-            vec![path]
+            paths
         }
         None => {
             let mut all: Vec<PathBuf> = known(&logs)

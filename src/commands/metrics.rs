@@ -107,7 +107,7 @@ pub fn render(s: &Snapshot) -> String {
         "Replacements by role and cause, since the cluster started.",
     );
     for role in Role::ALL {
-        for cause in ["crash", "hang", "failover"] {
+        for cause in crate::ledger::Cause::ALL.map(crate::ledger::Cause::as_str) {
             let n = s
                 .counters
                 .restarts
@@ -192,5 +192,122 @@ pub fn render(s: &Snapshot) -> String {
         "nexus_recovery_seconds_count {}",
         s.counters.recovery_count
     );
+    if !s.services.is_empty() {
+        render_services(&mut out, s);
+    }
     out
+}
+
+/// Per service instance: up, restarts by cause, probe failures and durations.
+fn render_services(out: &mut String, s: &Snapshot) {
+    let label = |r: &super::services_view::ServiceRow| {
+        format!("service=\"{}\",instance=\"{}\"", r.name, r.instance)
+    };
+    family(
+        out,
+        "nexus_service_up",
+        "gauge",
+        "1 if the service instance is ready (or completed), else 0.",
+    );
+    for r in &s.services {
+        let _ = writeln!(
+            out,
+            "nexus_service_up{{{}}} {}",
+            label(r),
+            u8::from(r.fine())
+        );
+    }
+    family(
+        out,
+        "nexus_service_state",
+        "gauge",
+        "The state of each service instance (1 for its current state).",
+    );
+    for r in &s.services {
+        let _ = writeln!(
+            out,
+            "nexus_service_state{{{},state=\"{}\"}} 1",
+            label(r),
+            r.state
+        );
+    }
+    family(
+        out,
+        "nexus_service_restarts_total",
+        "counter",
+        "Restarts of each service instance by cause.",
+    );
+    for r in &s.services {
+        for cause in ["crash", "hang", "manual"] {
+            let n = r.restarts_by_cause.get(cause).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "nexus_service_restarts_total{{{},cause=\"{cause}\"}} {n}",
+                label(r)
+            );
+        }
+    }
+    family(
+        out,
+        "nexus_service_rss_bytes",
+        "gauge",
+        "Resident memory of each instance's whole process tree.",
+    );
+    for r in &s.services {
+        let _ = writeln!(
+            out,
+            "nexus_service_rss_bytes{{{}}} {}",
+            label(r),
+            r.rss_kib.unwrap_or(0) * 1024
+        );
+    }
+    family(
+        out,
+        "nexus_service_probe_failures_total",
+        "counter",
+        "Failed readiness and liveness checks of each instance.",
+    );
+    for r in &s.services {
+        for (probe, st) in ["ready", "liveness"].iter().zip(&r.probes) {
+            let _ = writeln!(
+                out,
+                "nexus_service_probe_failures_total{{{},probe=\"{probe}\"}} {}",
+                label(r),
+                st.failures
+            );
+        }
+    }
+    family(
+        out,
+        "nexus_service_probe_duration_seconds",
+        "histogram",
+        "How long each readiness and liveness check took.",
+    );
+    for r in &s.services {
+        for (probe, st) in ["ready", "liveness"].iter().zip(&r.probes) {
+            let l = format!("{},probe=\"{probe}\"", label(r));
+            for (i, bound) in crate::services::probes::BUCKETS.iter().enumerate() {
+                let n = st.buckets.get(i).copied().unwrap_or(0);
+                let _ = writeln!(
+                    out,
+                    "nexus_service_probe_duration_seconds_bucket{{{l},le=\"{bound}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "nexus_service_probe_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}",
+                st.runs
+            );
+            let _ = writeln!(
+                out,
+                "nexus_service_probe_duration_seconds_sum{{{l}}} {}",
+                st.sum_s
+            );
+            let _ = writeln!(
+                out,
+                "nexus_service_probe_duration_seconds_count{{{l}}} {}",
+                st.runs
+            );
+        }
+    }
 }

@@ -10,6 +10,7 @@ pub mod health;
 pub mod logs;
 pub mod metrics;
 pub mod service;
+pub mod services_view;
 pub mod start;
 pub mod status;
 pub mod steer;

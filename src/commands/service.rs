@@ -80,7 +80,7 @@ pub fn run(common: &Common, action: &str, target: &str) -> Result<(), String> {
         }
         let failed = pending
             .iter()
-            .find(|n| now.get(&n.to_string()).is_some_and(|r| is_failed(r)));
+            .find(|n| now.get(&n.to_string()).is_some_and(is_failed));
         if let Some(n) = failed.filter(|_| action != ServiceAction::Stop) {
             return Err(explain(&dir, n, now.get(&n.to_string())));
         }
@@ -99,7 +99,7 @@ pub fn run(common: &Common, action: &str, target: &str) -> Result<(), String> {
         let r = after.get(&n.to_string());
         println!(
             "{n}: {}{}",
-            r.map_or("unknown", |r| r.machine.phase.name()),
+            r.map_or("unknown", |r| r.machine.state_name()),
             r.and_then(|r| r.run.as_ref())
                 .map_or(String::new(), |run| format!(" (pid {})", run.pid))
         );
@@ -108,60 +108,118 @@ pub fn run(common: &Common, action: &str, target: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Ready, or done for good (completed), or deliberately stopped.
+/// Ready (and not a crash-looping program's brief retry), or done for good (completed).
 fn settled(r: &Record) -> bool {
-    r.machine.phase.is_ready() || matches!(r.machine.phase, Phase::Completed)
+    (r.machine.phase.is_ready() && !r.machine.policy.failed())
+        || matches!(r.machine.phase, Phase::Completed)
 }
 
 fn is_failed(r: &Record) -> bool {
-    matches!(r.machine.phase, Phase::Failed { .. })
+    r.machine.state_name() == "failed"
 }
 
-/// Waits until every instance of `cfg` is ready (or completed). `fail_fast`: an instance
-/// that is `failed` ends the wait at once. The error explains the first one not ready.
+/// A program without a ready probe is ready at its exec; `start` still waits this long
+/// after the exec, so that one which dies at once (a typo in a `shell` command) fails the
+/// start instead of passing it.
+const SETTLE_MS: u64 = 250;
+
+/// Is the current run past the point where an instant failure would have shown? After a
+/// failure since the wait began, it must hold for a stable run; a probe-less one, for
+/// SETTLE_MS after its exec.
+fn steady(r: &Record, baseline: u32, probed: bool) -> bool {
+    if r.machine.phase == Phase::Completed {
+        return true;
+    }
+    let need = if r.machine.failures() > baseline {
+        crate::restart_policy::STABLE_RUN_MS
+    } else if probed {
+        return true;
+    } else {
+        SETTLE_MS
+    };
+    r.run.as_ref().is_some_and(|run| {
+        crate::restart_policy::mono_ms().saturating_sub(run.started_mono_ms) >= need
+    })
+}
+
+/// Waits until every instance of `cfg` is ready (or completed, or stopped as the user
+/// asked). A critical instance that is `failed` ends the wait with an error at once; a
+/// non-critical one that fails, or is not ready in time, is only a warning (the cluster is
+/// then DEGRADED, not unusable). The error explains the instance at fault.
 pub fn wait_ready(
     dir: &RuntimeDir,
     cfg: &Config,
     deadline: Instant,
-    fail_fast: bool,
-) -> Result<(), String> {
+) -> Result<Vec<String>, String> {
     let names: Vec<InstanceName> = cfg.assignment().into_iter().flatten().collect();
     if names.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
+    // Failures before the wait began do not count against it.
+    let baseline: std::collections::BTreeMap<String, u32> = state::read_all(dir)
+        .into_iter()
+        .map(|(k, r)| (k, r.machine.failures()))
+        .collect();
+    let hash = |n: &InstanceName| {
+        cfg.service(&n.service)
+            .map(|s| format!("{:016x}", s.definition_hash()))
+    };
+    let critical = |n: &InstanceName| cfg.service(&n.service).is_none_or(|s| s.critical);
     loop {
         let recs = state::read_all(dir);
-        let pending: Vec<&InstanceName> = names
-            .iter()
-            .filter(|n| !recs.get(&n.to_string()).is_some_and(settled))
-            .collect();
-        let Some(first) = pending.first() else {
-            return Ok(());
+        let desired = state::Desired::read(dir);
+        // Ready (or completed) with its current definition, or stopped as the user asked.
+        let done = |n: &InstanceName| {
+            let key = n.to_string();
+            recs.get(&key).is_some_and(|r| {
+                let base = baseline.get(&key).copied().unwrap_or(0);
+                let probed = cfg.service(&n.service).is_some_and(|s| s.ready.is_some());
+                (settled(r)
+                    && steady(r, base, probed)
+                    && (Some(&r.spec_hash) == hash(n).as_ref() || r.run.is_none()))
+                    || (desired.of(n).stopped && r.machine.phase == Phase::Stopped)
+            })
         };
-        if fail_fast
-            && let Some(n) = pending
-                .iter()
-                .find(|n| recs.get(&n.to_string()).is_some_and(is_failed))
-        {
+        let failed = |n: &InstanceName| recs.get(&n.to_string()).is_some_and(is_failed);
+        let pending: Vec<&InstanceName> = names.iter().filter(|n| !done(n)).collect();
+        if let Some(n) = pending.iter().find(|n| critical(n) && failed(n)) {
             return Err(explain(dir, n, recs.get(&n.to_string())));
         }
-        if Instant::now() >= deadline {
-            let also = if pending.len() > 1 {
-                format!(
-                    " (also not ready: {})",
-                    pending[1..]
-                        .iter()
-                        .map(|n| n.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            } else {
-                String::new()
-            };
-            return Err(format!(
-                "the services were not ready in time (start_timeout_ms){also}: {}",
-                explain(dir, first, recs.get(&first.to_string()))
-            ));
+        let waiting: Vec<&&InstanceName> = pending
+            .iter()
+            .filter(|n| critical(n) || !failed(n))
+            .collect();
+        let timed_out = Instant::now() >= deadline;
+        if waiting.is_empty() || timed_out {
+            let (late, warn): (Vec<&InstanceName>, Vec<&InstanceName>) =
+                pending.iter().partition(|n| critical(n));
+            if let Some(first) = late.first().filter(|_| timed_out) {
+                let also = if late.len() > 1 {
+                    format!(
+                        " (also not ready: {})",
+                        late[1..]
+                            .iter()
+                            .map(|n| n.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(format!(
+                    "the services were not ready in time (start_timeout_ms){also}: {}",
+                    explain(dir, first, recs.get(&first.to_string()))
+                ));
+            }
+            return Ok(warn
+                .iter()
+                .map(|n| {
+                    format!(
+                        "not critical, not ready: {}",
+                        explain(dir, n, recs.get(&n.to_string()))
+                    )
+                })
+                .collect());
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -173,7 +231,7 @@ pub fn explain(dir: &RuntimeDir, n: &InstanceName, rec: Option<&Record>) -> Stri
     let mut out = match rec {
         None => format!("service {n} has not started (no workflow has taken it up yet)"),
         Some(r) => {
-            let mut s = format!("service {n} is {}", r.machine.phase.name());
+            let mut s = format!("service {n} is {}", r.machine.state_name());
             if let Some(e) = &r.machine.last_error {
                 s.push_str(&format!("; last error: {e}"));
             }
@@ -222,7 +280,7 @@ pub fn summary(dir: &RuntimeDir, cfg: &Config) -> String {
         .flatten()
         .map(|n| {
             let r = recs.get(&n.to_string());
-            let phase = r.map_or("unknown", |r| r.machine.phase.name());
+            let phase = r.map_or("unknown", |r| r.machine.state_name());
             match r.and_then(|r| r.run.as_ref()) {
                 Some(run) => format!("{n} {phase} (pid {})", run.pid),
                 None => format!("{n} {phase}"),

@@ -107,9 +107,15 @@ pub fn run(common: &Common, foreground: bool) -> Result<(), String> {
                 .map(|m| format!("{} ({:?})", m.slot(), m.state).to_lowercase())
                 .collect();
             if last_missing.is_empty() {
-                if let Err(why) = super::service::wait_ready(&dir, &cfg, deadline, true) {
-                    let _ = super::stop::stop_dir(&dir, cfg.stop_grace_ms, true);
-                    return Err(format!("{why}\nstopped what had started"));
+                let warnings = match super::service::wait_ready(&dir, &cfg, deadline) {
+                    Ok(w) => w,
+                    Err(why) => {
+                        let _ = super::stop::stop_dir(&dir, cfg.stop_grace_ms, true);
+                        return Err(format!("{why}\nstopped what had started"));
+                    }
+                };
+                for w in &warnings {
+                    eprintln!("nexus: warning: {w}");
                 }
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;
                 println!(

@@ -61,6 +61,11 @@ pub struct Snapshot {
     pub watchdogs: Vec<WatchdogCounters>,
     /// The master's counts since the cluster started (restarts, recoveries, leaders).
     pub counters: crate::counters::Counters,
+    /// Every instance of every service is ready or completed, or stopped as the user asked
+    /// (true without services).
+    pub services_ready: bool,
+    /// One row per service instance (schema 2).
+    pub services: Vec<super::services_view::ServiceRow>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -91,14 +96,17 @@ pub fn snapshot(dir: &RuntimeDir) -> Result<Snapshot, String> {
     };
     let cfg = Config::load(&dir.config_file()).unwrap_or_default();
     let ages = heartbeat_ages(dir, &report);
+    let services = super::services_view::rows(dir, &cfg);
     let daemons: Vec<Row> = report
         .members
         .iter()
         .map(|m| row(m, &ages.by_pid, cfg.timeout_ms))
         .collect();
     Ok(Snapshot {
-        schema: 1,
+        schema: 2,
         whole: daemons.iter().all(|r| r.state == SlotState::Running),
+        services_ready: services.iter().all(|s| s.fine() || s.stopped_by_user),
+        services,
         runtime_dir: report.runtime_dir,
         master_pid: report.master_pid,
         timeout_ms: cfg.timeout_ms,
@@ -133,7 +141,11 @@ pub fn run(common: &Common, json: bool, watch: bool) -> Result<i32, String> {
     } else {
         print!("{}", render(&snap, colours_wanted()));
     }
-    Ok(if snap.whole { 0 } else { 1 })
+    Ok(if snap.whole && snap.services_ready {
+        0
+    } else {
+        1
+    })
 }
 
 /// Redraws the table in place once a second (cursor home, clear to end), which is what
@@ -273,10 +285,10 @@ fn render(s: &Snapshot, colour: bool) -> String {
         }
     };
     let mut out = String::new();
-    let verdict = if s.whole {
-        paint("32", "all daemons heartbeating")
-    } else {
-        paint("31;1", "DEGRADED")
+    let verdict = match (s.whole, s.services_ready) {
+        (true, true) if s.services.is_empty() => paint("32", "all daemons heartbeating"),
+        (true, true) => paint("32", "all daemons heartbeating, all services ready"),
+        _ => paint("31;1", "DEGRADED"),
     };
     let _ = writeln!(
         out,
@@ -331,10 +343,11 @@ fn render(s: &Snapshot, colour: bool) -> String {
         out,
         "* master. hb: the freshest heartbeat any watchdog heard from that pid."
     );
+    out.push_str(&super::services_view::render(&s.services, &paint));
     out
 }
 
-fn fmt_duration(s: f64) -> String {
+pub fn fmt_duration(s: f64) -> String {
     let s = s.max(0.0) as u64;
     match s {
         0..60 => format!("{s}s"),

@@ -53,14 +53,15 @@ pub fn restart(common: &Common, name: &str) -> Result<(), String> {
 #[inline(never)]
 pub fn reload(common: &Common) -> Result<(), String> {
     let cfg = common
-        .load_config()
+        .load_checked_config()
         .map_err(|e| format!("{e}; the running cluster is untouched"))?;
     let dir = RuntimeDir::resolve(common.runtime_dir.as_deref(), cfg.runtime_dir.as_deref());
     running_config(&dir)?;
     apply(&dir, &cfg)
 }
 
-/// `scale workflow=8 watchdog=5`: the running config with new counts.
+/// `scale workflow=8 watchdog=5 web=3`: the running config with new counts of daemons
+/// and of service instances.
 #[inline(never)]
 pub fn scale(common: &Common, assignments: &[String]) -> Result<(), String> {
     if assignments.is_empty() {
@@ -69,14 +70,27 @@ pub fn scale(common: &Common, assignments: &[String]) -> Result<(), String> {
     let dir = common.runtime_dir()?;
     let mut cfg = running_config(&dir)?;
     for a in assignments {
-        let (role, n) = a
+        let (what, n) = a
             .split_once('=')
-            .ok_or_else(|| format!("`{a}` is not ROLE=COUNT (like workflow=8)"))?;
-        let role = Role::parse(role.trim_end_matches('s'))
-            .ok_or_else(|| format!("unknown role `{role}` (communicator, watchdog, workflow)"))?;
+            .ok_or_else(|| format!("`{a}` is not NAME=COUNT (like workflow=8 or web=3)"))?;
         let n: u32 = n
             .parse()
             .map_err(|_| format!("`{n}` is not a count in `{a}`"))?;
+        if let Some(spec) = cfg.services.iter_mut().find(|s| s.name == what) {
+            spec.instances = n;
+            continue;
+        }
+        let role = Role::parse(what.trim_end_matches('s')).ok_or_else(|| {
+            let services: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+            format!(
+                "unknown role or service `{what}` (roles: communicator, watchdog, workflow{})",
+                if services.is_empty() {
+                    String::new()
+                } else {
+                    format!("; services: {}", services.join(", "))
+                }
+            )
+        })?;
         match role {
             Role::Communicator => cfg.communicators = n,
             Role::Watchdog => cfg.watchdogs = n,
@@ -99,14 +113,29 @@ fn apply(dir: &RuntimeDir, cfg: &Config) -> Result<(), String> {
     )? {
         println!("  {line}");
     }
-    let within = Duration::from_millis(cfg.stop_grace_ms + cfg.start_timeout_ms);
+    let grace = cfg
+        .services
+        .iter()
+        .map(|s| s.stop_grace_ms)
+        .max()
+        .unwrap_or(0);
+    let within = Duration::from_millis(cfg.stop_grace_ms + grace + cfg.start_timeout_ms);
     wait_whole(dir, cfg, within)?;
+    for w in super::service::wait_ready(dir, cfg, t0 + within)? {
+        eprintln!("nexus: warning: {w}");
+    }
+    let services: u32 = cfg.services.iter().map(|s| s.instances).sum();
     println!(
-        "applied in {:.1} ms: {} communicators, {} watchdogs, {} workflows running",
+        "applied in {:.1} ms: {} communicators, {} watchdogs, {} workflows running{}",
         t0.elapsed().as_secs_f64() * 1000.0,
         cfg.communicators,
         cfg.watchdogs,
-        cfg.workflows
+        cfg.workflows,
+        if cfg.services.is_empty() {
+            String::new()
+        } else {
+            format!("; {services} service instances ready")
+        }
     );
     Ok(())
 }

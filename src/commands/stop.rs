@@ -75,6 +75,7 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
     }
 
     let grace = Duration::from_millis(grace_ms);
+    let order = StopOrder::of(dir, grace);
     let mut total = 0;
     let mut forced = 0;
     // A second round catches anything spawned while the first ran (a master that missed
@@ -83,19 +84,13 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
         if members.is_empty() {
             break;
         }
-        let phase_of = |pid: &i32, slot: &SlotName| match slot.role {
-            Role::Workflow => 0,
-            Role::Watchdog => 1,
-            Role::Communicator if Some(*pid) != master_pid => 2,
-            Role::Communicator => 3,
-        };
-        for phase in 0..4 {
+        for phase in 0..order.phases() {
             let pids: Vec<i32> = members
                 .iter()
-                .filter(|(p, s)| phase_of(p, s) == phase)
+                .filter(|(p, s)| order.phase_of(**p, **s, master_pid) == phase)
                 .map(|(p, _)| *p)
                 .collect();
-            let (stopped, killed) = terminate(&pids, grace);
+            let (stopped, killed) = terminate(&pids, order.wait(phase));
             total += stopped;
             forced += killed;
         }
@@ -104,6 +99,9 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
             .map(|f| (f.pid, f.slot))
             .collect();
     }
+    // A program whose workflow had to be killed, or whose tree outlived its stop: nothing
+    // of a service survives ./stop.
+    let programs = sweep_programs(dir);
     dir.remove_sockets();
     let _ = std::fs::remove_file(&marker);
     if !members.is_empty() {
@@ -121,12 +119,106 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
         } else {
             String::new()
         };
+        let programs = if programs > 0 {
+            format!(", {programs} leftover program processes killed")
+        } else {
+            String::new()
+        };
         println!(
-            "nexus stopped in {ms:.1} ms: {total} daemons{forced}; sockets removed from {}",
+            "nexus stopped in {ms:.1} ms: {total} daemons{forced}{programs}; sockets removed from {}",
             dir.display()
         );
     }
     Ok(())
+}
+
+/// The order of a stop: the workflows hosting services first, dependents before what
+/// they depend on (each given its services' stop grace), then the free workflows, the
+/// watchdogs, the standby communicators, and the master last.
+struct StopOrder {
+    /// Hosting workflow id → its phase (0 = the deepest dependents).
+    hosting: BTreeMap<u32, usize>,
+    /// Per service phase, the longest stop grace among its services.
+    service_waits: Vec<Duration>,
+    grace: Duration,
+}
+
+impl StopOrder {
+    fn of(dir: &RuntimeDir, grace: Duration) -> StopOrder {
+        let cfg = crate::config::Config::load(&dir.config_file()).unwrap_or_default();
+        let depths = crate::services::spec::depths(&cfg.services);
+        let deepest = depths.values().copied().max().unwrap_or(0) as usize;
+        let mut hosting = BTreeMap::new();
+        let mut service_waits = vec![
+            Duration::ZERO;
+            if cfg.services.is_empty() {
+                0
+            } else {
+                deepest + 1
+            }
+        ];
+        for (i, inst) in cfg.assignment().into_iter().enumerate() {
+            let Some(inst) = inst else { continue };
+            let Some(spec) = cfg.service(&inst.service) else {
+                continue;
+            };
+            let phase = deepest - depths.get(&inst.service).copied().unwrap_or(0) as usize;
+            hosting.insert(i as u32 + 1, phase);
+            // The workflow stops its program within the program's grace, then exits.
+            let wait = Duration::from_millis(spec.stop_grace_ms) + grace + Duration::from_secs(1);
+            service_waits[phase] = service_waits[phase].max(wait);
+        }
+        StopOrder {
+            hosting,
+            service_waits,
+            grace,
+        }
+    }
+
+    fn phases(&self) -> usize {
+        self.service_waits.len() + 4
+    }
+
+    fn phase_of(&self, pid: i32, slot: SlotName, master: Option<i32>) -> usize {
+        let base = self.service_waits.len();
+        match slot.role {
+            Role::Workflow => self.hosting.get(&slot.id).copied().unwrap_or(base),
+            Role::Watchdog => base + 1,
+            Role::Communicator if Some(pid) != master => base + 2,
+            Role::Communicator => base + 3,
+        }
+    }
+
+    fn wait(&self, phase: usize) -> Duration {
+        self.service_waits.get(phase).copied().unwrap_or(self.grace)
+    }
+}
+
+/// Kills what is left of every service instance's tree (its workflow is gone by now).
+fn sweep_programs(dir: &RuntimeDir) -> usize {
+    use crate::services::tree::{Identity, Tree};
+    let mut killed = 0;
+    for rec in crate::services::state::read_all(dir).into_values() {
+        let Some(run) = rec.run else { continue };
+        let tree = Tree::new(Identity {
+            pgid: run.pgid,
+            token: run.token,
+            cgroup: run.cgroup,
+        });
+        // Bounded: a tree that keeps forking is killed again, a few times.
+        for _ in 0..5 {
+            let n = tree.signal_all(libc::SIGKILL);
+            killed += n;
+            if n == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(cg) = &tree.cgroup {
+            cg.remove();
+        }
+    }
+    killed
 }
 
 /// SIGTERM to each, wait up to `grace`, SIGKILL the rest, wait for them. Returns

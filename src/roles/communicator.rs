@@ -34,6 +34,8 @@ struct Communicator {
     master_watch: Option<MasterWatch>,
     killed_master: Option<KilledMaster>,
     log: crate::logfiles::DaemonLog,
+    /// Holds the programs' output pipes while their workflows are replaced.
+    pipes: crate::services::keeper::PipeKeeper,
 }
 
 /// What the loop does after a standby's lock hand-over or a reload.
@@ -91,6 +93,7 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         master_watch: None,
         killed_master: None,
         log: ctx.log(),
+        pipes: crate::services::keeper::PipeKeeper::new(&ctx.dir),
         ctx,
     };
     match lock {
@@ -119,8 +122,11 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         let now = Instant::now();
         if comm.heart.tick(now).is_some() {
             comm.log.maybe_rotate();
-            if let Some(m) = comm.master.as_ref() {
+            if let Some(m) = comm.master.as_mut() {
                 m.on_heartbeat();
+            }
+            if !comm.ctx.config.services.is_empty() {
+                comm.pipes.refresh();
             }
         }
         let mut wake = comm.heart.next_due();

@@ -20,12 +20,12 @@ use crate::config::Config;
 use crate::daemon::{DaemonCtx, Rng};
 use crate::ledger::{Appender, Cause, Event};
 use crate::procscan;
-use crate::restart_policy::{Backoff, mono_ms};
+use crate::restart_policy::{Backoff, STABLE_RUN_MS, mono_ms};
 use crate::runtime_dir::RuntimeDir;
 use crate::services::machine::{AfterStop, Do, Phase, Rules};
 use crate::services::notify_socket::{Notice, NotifySocket};
 use crate::services::output::{self, LogFile, Scratch, Stream, Which};
-use crate::services::probes::Prober;
+use crate::services::probes::{Prober, Verdict};
 use crate::services::spec::{Condition, InstanceName, ProbeKind, ServiceSpec};
 use crate::services::state::{self, Desired, Host as HostRec, Record, RunRecord, Stats};
 use crate::services::tree::{self, Identity, Tree};
@@ -683,13 +683,22 @@ impl Host {
         self.stats.log_lines = self.log.lines;
         self.stats_dirty = true;
         if matched && self.record.machine.phase == Phase::Starting {
-            if let Some(p) = self.ready_probe.as_mut() {
-                p.passive_pass(Instant::now());
-            }
-            self.record.machine.on_ready();
-            self.became_ready();
-            self.save();
+            self.passive_ready();
         }
+    }
+
+    /// A log line matched, or READY=1 came: ready.
+    fn passive_ready(&mut self) {
+        if let Some(v) = self
+            .ready_probe
+            .as_mut()
+            .map(|p| p.passive_pass(Instant::now()))
+        {
+            self.stats.ready.record(v.ok, v.took);
+        }
+        self.record.machine.on_ready();
+        self.became_ready();
+        self.save();
     }
 
     fn close_finished_streams(&mut self, poll: &Poll) {
@@ -727,6 +736,11 @@ impl Host {
         if self.waiting_for.is_some() {
             d.push(now_i + Duration::from_secs(1));
         }
+        if let Some(l) = &self.live
+            && self.record.machine.policy.failed()
+        {
+            d.push(from_mono(l.started_mono + STABLE_RUN_MS));
+        }
         d.into_iter().min()
     }
 
@@ -746,20 +760,30 @@ impl Host {
             self.act(poll, d);
             self.save();
         }
+        if self.record.machine.policy.failed()
+            && self
+                .live
+                .as_ref()
+                .is_some_and(|l| now.saturating_sub(l.started_mono) >= STABLE_RUN_MS)
+            && self.record.machine.on_stable()
+        {
+            log::info!("{}: has run for a while: no longer failing", self.name);
+            self.save();
+        }
         let env = self.base_env.clone();
         if let Some(v) = self
             .ready_probe
             .as_mut()
             .and_then(|p| p.tick(poll, now_i, &env))
         {
-            self.on_ready_verdict(v.ok, v.error);
+            self.on_ready_verdict(v);
         }
         if let Some(v) = self
             .liveness
             .as_mut()
             .and_then(|p| p.tick(poll, now_i, &env))
         {
-            self.on_liveness_verdict(poll, v.ok, v.error);
+            self.on_liveness_verdict(poll, v);
         }
         if let (Some(w), Some(last)) = (self.spec.watchdog_ms, self.last_watchdog)
             && self.record.machine.phase.is_ready()
@@ -778,13 +802,6 @@ impl Host {
             self.pump_all(false);
         }
         if self.stats_dirty && now_i >= self.next_stats_write {
-            self.stats.ready = self
-                .ready_probe
-                .as_ref()
-                .map_or(self.stats.ready.clone(), |p| p.stats.clone());
-            if let Some(p) = &self.liveness {
-                self.stats.liveness = p.stats.clone();
-            }
             self.stats.notify_rejected = self.notify.as_ref().map_or(0, |n| n.rejected);
             let _ = state::write_stats(&self.dir, &self.name, &self.stats);
             self.stats_dirty = false;
@@ -836,7 +853,10 @@ impl Host {
         self.save();
     }
 
-    fn on_ready_verdict(&mut self, ok: bool, error: Option<String>) {
+    fn on_ready_verdict(&mut self, v: Verdict) {
+        self.stats.ready.record(v.ok, v.took);
+        self.stats_dirty = true;
+        let (ok, error) = (v.ok, v.error);
         if ok {
             self.record.machine.on_ready();
             if self.record.machine.phase == Phase::Ready {
@@ -849,8 +869,10 @@ impl Host {
         }
     }
 
-    fn on_liveness_verdict(&mut self, poll: &Poll, ok: bool, error: Option<String>) {
+    fn on_liveness_verdict(&mut self, poll: &Poll, v: Verdict) {
+        self.stats.liveness.record(v.ok, v.took);
         self.stats_dirty = true;
+        let (ok, error) = (v.ok, v.error);
         let before = self.record.machine.phase;
         let d = self
             .record
@@ -921,7 +943,7 @@ impl Host {
                     .as_mut()
                     .and_then(|p| p.on_event(poll, Instant::now()))
                 {
-                    self.on_ready_verdict(v.ok, v.error);
+                    self.on_ready_verdict(v);
                 }
             }
             T_LIVE_PROBE => {
@@ -930,7 +952,7 @@ impl Host {
                     .as_mut()
                     .and_then(|p| p.on_event(poll, Instant::now()))
                 {
-                    self.on_liveness_verdict(poll, v.ok, v.error);
+                    self.on_liveness_verdict(poll, v);
                 }
             }
             Token(t) if t >= T_STREAMS => {
@@ -956,12 +978,7 @@ impl Host {
                     }
                     self.stats_dirty = true;
                     if matched && self.record.machine.phase == Phase::Starting {
-                        if let Some(p) = self.ready_probe.as_mut() {
-                            p.passive_pass(Instant::now());
-                        }
-                        self.record.machine.on_ready();
-                        self.became_ready();
-                        self.save();
+                        self.passive_ready();
                     }
                 }
                 self.close_finished_streams(poll);
@@ -1002,12 +1019,7 @@ impl Host {
                         .as_ref()
                         .is_some_and(|p| p.kind == ProbeKind::Notify);
                     if notify_ready && self.record.machine.phase == Phase::Starting {
-                        if let Some(p) = self.ready_probe.as_mut() {
-                            p.passive_pass(Instant::now());
-                        }
-                        self.record.machine.on_ready();
-                        self.became_ready();
-                        self.save();
+                        self.passive_ready();
                     }
                 }
                 Notice::Watchdog => self.last_watchdog = Some(Instant::now()),
@@ -1043,12 +1055,12 @@ impl Host {
                     .as_mut()
                     .map(|p| p.on_child_exit(ended, now));
                 if let Some(v) = v {
-                    self.on_ready_verdict(v.ok, v.error);
+                    self.on_ready_verdict(v);
                 }
             } else if self.liveness.as_ref().and_then(Prober::child_pid) == Some(pid) {
                 let v = self.liveness.as_mut().map(|p| p.on_child_exit(ended, now));
                 if let Some(v) = v {
-                    self.on_liveness_verdict(poll, v.ok, v.error);
+                    self.on_liveness_verdict(poll, v);
                 }
             }
         }

@@ -408,6 +408,34 @@ impl Machine {
         }
     }
 
+    /// The state `status` shows: a crash-looping program's retry is still `failed` until
+    /// it has run for a while (see `on_stable`).
+    pub fn state_name(&self) -> &'static str {
+        if self.phase.running() && self.policy.failed() {
+            "failed"
+        } else {
+            self.phase.name()
+        }
+    }
+
+    /// The current run has lasted a stable run: a failed instance has recovered.
+    pub fn on_stable(&mut self) -> bool {
+        if self.policy.failed() && self.phase.running() {
+            self.policy.forgive();
+            return true;
+        }
+        false
+    }
+
+    /// Restarts after failures (crashes and hangs), not the ones asked for.
+    pub fn failures(&self) -> u32 {
+        self.by_cause
+            .iter()
+            .filter(|(c, _)| matches!(c, Cause::Crash | Cause::Hang))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     /// Waiting, and its dependencies are met (or it has none): start it.
     pub fn may_start(&self) -> bool {
         self.phase == Phase::Waiting

@@ -6,6 +6,7 @@
 
 pub mod host;
 pub mod identity;
+pub mod keeper;
 pub mod machine;
 pub mod notify_socket;
 pub mod output;

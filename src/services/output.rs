@@ -168,7 +168,6 @@ impl Cursor {
 pub struct Stream {
     pub which: Which,
     src: OwnedFd,
-    pub ino: u64,
     scratch_r: OwnedFd,
     scratch_w: OwnedFd,
     cursor: Cursor,
@@ -244,7 +243,6 @@ impl Stream {
         let s = Stream {
             which,
             src,
-            ino,
             scratch_r,
             scratch_w,
             cursor,
@@ -559,6 +557,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = LogFile::open(&dir.path().join("w.log"), 1 << 20, 2).unwrap();
         let (r, w) = new_pipe().unwrap();
+        let ino = inode(&r);
         let mut s = Stream::new(Which::Out, r, &dir.path().join("cur"), &log).unwrap();
         let mut scratch = Scratch::new();
         write_all(&w, b"first\nsecond\npart");
@@ -567,7 +566,7 @@ mod tests {
         assert!(text.ends_with(" w-1 out second\n"), "{text}");
         assert_eq!(text.lines().count(), 2);
         // The partial line is still in the pipe: a successor would find it there.
-        let again = reopen_pipe(&[std::process::id() as i32], s.ino).unwrap();
+        let again = reopen_pipe(&[std::process::id() as i32], ino).unwrap();
         drop(s);
         let mut s = Stream::new(Which::Out, again, &dir.path().join("cur"), &log).unwrap();
         write_all(&w, b"ial\n");

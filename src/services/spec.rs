@@ -111,16 +111,6 @@ impl Probe {
             ProbeKind::Notify => "notify".into(),
         }
     }
-
-    pub fn kind_name(&self) -> &'static str {
-        match self.kind {
-            ProbeKind::Http { .. } => "http",
-            ProbeKind::Tcp { .. } => "tcp",
-            ProbeKind::Exec(_) => "exec",
-            ProbeKind::Log(_) => "log",
-            ProbeKind::Notify => "notify",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -7,6 +7,7 @@
 //!   enabled);
 //! - a token in its environment, `NEXUS_TREE=…`, inherited by every descendant, which
 //!   finds a double-forked child that called setsid() on a machine without a cgroup.
+//!
 //! The hosting workflow is also a child subreaper, so orphans come back to it.
 //!
 //! A member is always signalled through a pidfd opened before its membership is checked
@@ -15,7 +16,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::services::spec::Limits;
@@ -301,11 +302,6 @@ pub fn prepare_cgroup(
         }
         None => (None, Vec::new()),
     }
-}
-
-/// Whether a pidfd's process is still the instance's main process.
-pub fn alive(fd: &OwnedFd) -> bool {
-    !spawn::has_exited(fd)
 }
 
 #[cfg(test)]

@@ -11,6 +11,9 @@ use serde_json::Value;
 
 pub const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
 
+/// In the environment of everything a test cluster starts: its runtime directory.
+pub const MARKER: &str = "NEXUS_TEST_CLUSTER";
+
 /// Short timings so hang tests take about a second, not six.
 pub const FAST: &str = r#"{"interval_ms": 100, "timeout_ms": 1000, "stop_grace_ms": 1000}"#;
 
@@ -46,16 +49,25 @@ impl Cluster {
     }
 
     pub fn nexus_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = self.command(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run nexus")
+    }
+
+    /// `nexus ARGS --runtime-dir DIR`, not yet run: a clean environment, plus the marker
+    /// every process of this cluster inherits (daemons and the services' programs), by
+    /// which the guard finds them all.
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(NEXUS);
         cmd.args(args).arg("--runtime-dir").arg(self.path());
         cmd.env_remove("NEXUS_RUNTIME_DIR")
             .env_remove("NEXUS_CONFIG")
             .env_remove("NEXUS_FAULT");
         cmd.env("NEXUS_CONFIG", &self.config);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.output().expect("run nexus")
+        cmd.env(MARKER, self.path());
+        cmd
     }
 
     /// Starts the cluster and insists that it says so.
@@ -166,8 +178,46 @@ impl Drop for Cluster {
 }
 
 /// Freezes every daemon of the directory first (so nobody respawns anybody), then kills
-/// them, by pid; repeated until none is left (bounded).
+/// them, by pid; repeated until none is left (bounded). Then every other process that
+/// carries the cluster's marker: the services' programs and their children.
 pub fn kill_all(dir: &Path) {
+    kill_daemons(dir);
+    for _ in 0..50 {
+        let pids = marked(dir);
+        if pids.is_empty() {
+            return;
+        }
+        for &p in &pids {
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live processes (not zombies) whose environment carries `MARKER=dir`.
+pub fn marked(dir: &Path) -> Vec<i32> {
+    let needle = format!("{MARKER}={}", dir.display());
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() as i32 || gone(pid) {
+            continue;
+        }
+        if std::fs::read(format!("/proc/{pid}/environ"))
+            .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn kill_daemons(dir: &Path) {
     for _ in 0..50 {
         let pids: Vec<i32> = daemons_of(dir).into_iter().map(|d| d.0).collect();
         if pids.is_empty() {
@@ -248,4 +298,140 @@ pub fn gone(pid: i32) -> bool {
             .next()
             .is_some_and(|r| r.trim_start().starts_with('Z')),
     }
+}
+
+// --- services -----------------------------------------------------------------------------
+
+/// A TCP port nobody listens on right now (for a test's HTTP server).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A one-line python HTTP server on `port` (the stack users run in the examples).
+pub fn http_server(port: u16) -> String {
+    format!(r#"["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]"#)
+}
+
+impl Cluster {
+    /// The record of service instance `inst` (`web-1`), if one has been written.
+    pub fn record(&self, inst: &str) -> Option<Value> {
+        let p = self.path().join(format!("services/state/{inst}.json"));
+        serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+    }
+
+    pub fn state_of(&self, inst: &str) -> String {
+        self.record(inst)
+            .and_then(|r| r["machine"]["phase"]["state"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    pub fn program_pid(&self, inst: &str) -> Option<i32> {
+        self.record(inst)?["run"]["pid"].as_i64().map(|p| p as i32)
+    }
+
+    pub fn wait_state(&self, inst: &str, state: &str, within: Duration) {
+        wait_until(&format!("{inst} {state}"), within, || {
+            self.state_of(inst) == state
+        });
+    }
+
+    /// Waits until `inst` runs a program other than `old` and is ready; returns its pid.
+    pub fn wait_program_replaced(&self, inst: &str, old: i32, within: Duration) -> i32 {
+        wait_until(&format!("{inst} (pid {old}) replaced"), within, || {
+            self.program_pid(inst).is_some_and(|p| p != old) && self.state_of(inst) == "ready"
+        });
+        self.program_pid(inst).unwrap_or(0)
+    }
+
+    /// The instance's log, rotated files first: its lines in order.
+    pub fn log_text(&self, inst: &str) -> String {
+        let logs = self.path().join("logs");
+        let mut text = String::new();
+        for n in (1..=10).rev() {
+            if let Ok(t) = std::fs::read_to_string(logs.join(format!("{inst}.log.{n}"))) {
+                text.push_str(&t);
+            }
+        }
+        text.push_str(
+            &std::fs::read_to_string(logs.join(format!("{inst}.log"))).unwrap_or_default(),
+        );
+        text
+    }
+
+    /// Ledger events of one service instance.
+    pub fn service_events(&self, service: &str, instance: u32) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["service"] == service && e["instance"] == instance)
+            .collect()
+    }
+
+    /// `nexus start` in the background (it waits for the services): killed on drop.
+    pub fn start_background(&self, env: &[(&str, &str)]) -> Background {
+        let mut cmd = self.command(&["start"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn nexus start");
+        Background(Some(child))
+    }
+}
+
+/// A child the test started in the background, killed by pid when dropped.
+pub struct Background(pub Option<std::process::Child>);
+
+impl Background {
+    /// Waits for it to end (bounded); its output.
+    pub fn finish(mut self, within: Duration) -> Output {
+        let mut child = self.0.take().expect("running");
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return child.wait_with_output().expect("output");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        panic!("did not finish within {within:?}: {}", text(&out));
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Processes of this machine whose command line contains `needle` (for a test's own
+/// programs, by a marker argument unique to the test).
+pub fn pids_with_arg(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if gone(pid) {
+            continue;
+        }
+        if let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline"))
+            && String::from_utf8_lossy(&raw)
+                .split('\0')
+                .any(|a| a.contains(needle))
+        {
+            out.push(pid);
+        }
+    }
+    out
 }

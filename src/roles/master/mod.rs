@@ -242,9 +242,11 @@ impl Master {
         Ok(Some(m))
     }
 
-    /// Each heartbeat: the lock's mtime is the master's proof of life.
-    pub fn on_heartbeat(&self) {
+    /// Each heartbeat: the lock's mtime is the master's proof of life; the ledger, which
+    /// the hosting workflows append to as well, is rotated when full.
+    pub fn on_heartbeat(&mut self) {
         self.lock.touch();
+        self.ledger.rotate_if_full();
     }
 
     /// The timers: due restarts, SIGKILL escalations, systemd. Returns the next deadline.
@@ -360,7 +362,7 @@ pub fn config_changes(old: &Config, new: &Config) -> Vec<String> {
     };
     let mut out: Vec<String> = b
         .iter()
-        .filter(|(k, v)| a.get(*k) != Some(*v))
+        .filter(|(k, v)| *k != "services" && a.get(*k) != Some(*v))
         .map(|(k, v)| {
             format!(
                 "{k}: {} -> {v}",
@@ -368,8 +370,43 @@ pub fn config_changes(old: &Config, new: &Config) -> Vec<String> {
             )
         })
         .collect();
+    out.extend(service_changes(old, new));
     if out.is_empty() {
         out.push("nothing changed".into());
+    }
+    out
+}
+
+/// One line per service added, removed, rescaled or redefined. Never a value: a
+/// definition may hold secrets in its `env`.
+fn service_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in &new.services {
+        match old.service(&s.name) {
+            None => out.push(format!(
+                "service {}: added ({} instances)",
+                s.name, s.instances
+            )),
+            Some(o) => {
+                if o.definition_hash() != s.definition_hash() {
+                    out.push(format!(
+                        "service {}: definition changed (restarted)",
+                        s.name
+                    ));
+                }
+                if o.instances != s.instances {
+                    out.push(format!(
+                        "service {}: instances {} -> {}",
+                        s.name, o.instances, s.instances
+                    ));
+                }
+            }
+        }
+    }
+    for o in &old.services {
+        if new.service(&o.name).is_none() {
+            out.push(format!("service {}: removed (stopped)", o.name));
+        }
     }
     out
 }

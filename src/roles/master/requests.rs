@@ -186,7 +186,7 @@ impl Master {
     /// `nexus reload` / `scale`: validate here too (the client may be another build),
     /// then leave the config for the loop to apply once this event is done.
     fn accept_config(&mut self, ctx: &DaemonCtx, text: &str) -> Response {
-        let new = match crate::config::Config::parse(text) {
+        let new = match crate::config::Config::parse_and_check(text) {
             Ok(c) => c,
             Err(e) => {
                 return Response::error(
