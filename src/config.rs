@@ -223,7 +223,28 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
-        Config::parse(&text).map_err(|e| e.within(path))
+        let mut cfg = Config::parse(&text).map_err(|e| e.within(path))?;
+        cfg.anchor_paths(path);
+        Ok(cfg)
+    }
+
+    /// A service's `cwd` is relative to the config file's directory, and defaults to it
+    /// (as a compose file's does): a stack and its scripts can live side by side and be
+    /// started from anywhere. config.json then holds the absolute paths.
+    fn anchor_paths(&mut self, config_file: &Path) {
+        let base =
+            crate::runtime_dir::RuntimeDir::at(config_file.parent().unwrap_or(Path::new(".")))
+                .path()
+                .to_path_buf();
+        for s in &mut self.services {
+            s.cwd = Some(match s.cwd.take() {
+                Some(c) if c.is_absolute() => c,
+                Some(c) => crate::runtime_dir::RuntimeDir::at(&base.join(c))
+                    .path()
+                    .to_path_buf(),
+                None => base.clone(),
+            });
+        }
     }
 
     /// Parses and validates, collecting every problem (one line each), not only the first.
@@ -266,9 +287,14 @@ impl Config {
     }
 
     pub fn load_and_check(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
-        Config::parse_and_check(&text).map_err(|e| e.within(path))
+        let cfg = Config::load(path)?;
+        let mut problems = Problems::default();
+        crate::services::spec::check_environment(&cfg.services, &mut problems);
+        if problems.0.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::from_problems(problems).within(path))
+        }
     }
 
     fn set(&mut self, key: &str, value: &Value) -> Result<(), ConfigError> {

@@ -27,34 +27,42 @@ use daemon::DaemonCtx;
 use runtime_dir::RuntimeDir;
 
 const USAGE: &str = "\
-nexus — a self-healing cluster of local daemons
+nexus — a self-healing supervisor: its own daemons and your services
 
 Usage:
   nexus start   [--config PATH] [--runtime-dir DIR] [--foreground]
                                                       start the cluster; returns once every daemon heartbeats
+                                                      and every service is ready (in dependency order)
                                                       (--foreground: stay, stop it on SIGTERM: for systemd)
-  nexus stop    [--runtime-dir DIR]                   stop it: workflows, watchdogs, standbys, master
+  nexus stop    [--runtime-dir DIR]                   stop it: services (dependents first), workflows,
+                                                      watchdogs, standbys, master; nothing is left running
   nexus status  [--json] [--watch] [--runtime-dir DIR]
-                                                      one row per daemon (exit 0 whole, 1 degraded, 3 not running);
-                                                      --watch redraws it every second
+                                                      one row per daemon and per service instance (exit 0
+                                                      whole, 1 degraded, 3 not running); --watch redraws it
   nexus health  [--json]                              HEALTHY, DEGRADED or CRITICAL (exit 0, 1, 2; 3 not running)
-  nexus logs    [ROLE-ID] [-n N] [-f]                 a daemon's log, or all merged by time; -f follows
+  nexus logs    [NAME] [-n N] [-f]                    a daemon's log (workflow-3), a service's (web: its
+                                                      instances merged) or an instance's (web-2); without
+                                                      a name all, merged by time; -f follows
   nexus metrics                                       Prometheus text: daemons, restarts, heartbeats, recoveries
-  nexus scale   ROLE=N [ROLE=N ...]                  change counts of a running cluster (workflow=8 watchdog=5)
+  nexus scale   NAME=N [NAME=N ...]                  change counts of a running cluster: daemons
+                                                      (workflow=8 watchdog=5) and service instances (web=3)
   nexus reload  [--config PATH]                       apply a changed config; a bad one is refused, nothing touched
   nexus restart ROLE-ID                               replace one daemon on purpose (the master hands over)
   nexus service start|stop|restart NAME[-N]           a service (every instance) or one instance; waits until done
+  nexus pid     NAME                                  the pid of a daemon (workflow-3) or a program (web-1)
   nexus events  [-n N] [--json] [--follow]            the event ledger (last 20 by default)
-  nexus chaos   [--duration S] [--interval S] [--roles R,R] [--signal kill|stop|mixed]
-                                                      kill random daemons, then check every failure
-                                                      was recovered exactly once (exit 1 if not)
+  nexus chaos   [--duration S] [--interval S] [--roles R,R] [--signal kill|stop|mixed] [--services]
+                                                      kill random daemons (--services: and programs),
+                                                      then check every failure was recovered exactly
+                                                      once and no line was lost (exit 1 if not)
   nexus help config                                   every config key
   nexus daemon --role ROLE --id N --runtime-dir DIR   (internal: how the master starts each daemon)
 
 The runtime directory is --runtime-dir, else $NEXUS_RUNTIME_DIR, else the config's
 runtime_dir, else /tmp/nexus. The config is --config, else $NEXUS_CONFIG, else
 runtime/nexus_config.json if present, else the built-in defaults.
-Logs: DIR/logs/ROLE-ID.log (RUST_LOG=debug for more). Ledger: DIR/events.jsonl.
+Logs: DIR/logs/ROLE-ID.log and DIR/logs/SERVICE-N.log (RUST_LOG=debug for more).
+Ledger: DIR/events.jsonl. Services: `nexus help config`, and runtime/examples/.
 ";
 
 /// Test-only fault injection: `NEXUS_FAULT=crash:workflow-2,mute:watchdog-1` makes those
@@ -126,6 +134,7 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
     let mut interval = 2.0f64;
     let mut roles = Role::ALL.to_vec();
     let mut signal = commands::chaos::SignalMode::Kill;
+    let mut services = false;
     let mut id = None;
     let mut positional = Vec::new();
     let mut it = Args { rest: rest.iter() };
@@ -169,6 +178,7 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
                 }
             }
             "--id" => id = Some(it.value(arg)?.to_string()),
+            "--services" => services = true,
             "-h" | "--help" => {
                 print!("{USAGE}");
                 return Ok(0);
@@ -241,6 +251,12 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
                     .into(),
             )),
         },
+        "pid" => match positional.as_slice() {
+            [name] => Ok(commands::service::pid(&common, name)?),
+            _ => Err(Failure::Usage(
+                "pid takes one name: a daemon (workflow-3) or a service instance (web-1)".into(),
+            )),
+        },
         "reload" => {
             no_positional(&positional)?;
             commands::steer::reload(&common)?;
@@ -262,6 +278,7 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
                 interval: std::time::Duration::from_secs_f64(interval),
                 roles,
                 signal,
+                services,
             };
             Ok(commands::chaos::run(&common, &opts)?)
         }
@@ -289,7 +306,12 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
                 for (key, help) in config::KEYS {
                     println!("  {key:<20} {help}");
                 }
+                println!("\nEach service (an object of `services`):");
+                for (key, help) in services::spec::SERVICE_KEY_HELP {
+                    println!("  {key:<20} {help}");
+                }
                 println!("\nDefaults:\n{d}");
+                println!("A stack to start from: runtime/examples/stack.json");
             } else {
                 print!("{USAGE}");
             }

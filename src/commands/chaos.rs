@@ -1,6 +1,11 @@
 //! `nexus chaos`: kill random daemons of a running cluster — every role, the master too —
 //! then check from the ledger that every failure was recovered exactly once, that the
 //! cluster is whole, and that no process of the directory is orphaned or duplicated.
+//!
+//! `--services`: the services' programs are victims too, and the verdict adds that every
+//! program failure was restarted exactly once, that no program was restarted because a
+//! nexus daemon failed, that every service is ready again, and that no line was lost or
+//! repeated (for programs that print `PID N` counter lines, as scripts/chaos_test's do).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -13,6 +18,8 @@ use crate::ledger::{self, Event};
 use crate::procscan;
 use crate::protocol::{Request, Response, SlotState};
 use crate::runtime_dir::RuntimeDir;
+use crate::services::spec::InstanceName;
+use crate::services::state;
 use crate::spawn;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,10 +34,28 @@ pub struct Options {
     pub interval: Duration,
     pub roles: Vec<Role>,
     pub signal: SignalMode,
+    /// The services' programs are victims too.
+    pub services: bool,
+}
+
+/// Who was hit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Victim {
+    Daemon(SlotName),
+    Program(InstanceName),
+}
+
+impl std::fmt::Display for Victim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Victim::Daemon(s) => write!(f, "{s}"),
+            Victim::Program(n) => write!(f, "program {n}"),
+        }
+    }
 }
 
 struct Kill {
-    slot: SlotName,
+    victim: Victim,
     pid: i32,
     stop: bool,
     at_ms: u64,
@@ -50,6 +75,12 @@ pub fn run(common: &Common, opts: &Options) -> Result<i32, String> {
     if let Err(why) = super::steer::wait_whole(&dir, &cfg, settle) {
         return Err(format!(
             "the cluster in {} is not whole before chaos starts: {why}",
+            dir.display()
+        ));
+    }
+    if opts.services && cfg.services.is_empty() {
+        return Err(format!(
+            "--services: the cluster in {} has no services (scripts/chaos_test --services starts one that has)",
             dir.display()
         ));
     }
@@ -86,7 +117,7 @@ pub fn run(common: &Common, opts: &Options) -> Result<i32, String> {
                 "  +{:6.2}s  {:<7} {} pid {}",
                 k.offset.as_secs_f64(),
                 if k.stop { "SIGSTOP" } else { "SIGKILL" },
-                k.slot,
+                k.victim,
                 k.pid
             );
             kills.push(k);
@@ -109,9 +140,11 @@ pub fn run(common: &Common, opts: &Options) -> Result<i32, String> {
 }
 
 /// Picks a victim and signals it. Chaos stays inside the fault model the design answers:
-/// any number of crashes, but at most `watchdogs - 1` hangs not yet recovered (a further
-/// SIGSTOP becomes a SIGKILL), so that some watchdog can always testify. That still
-/// allows two hung watchdogs at once, or a hung master with a hung standby.
+/// any number of crashes, but at most `watchdogs - 1` daemon hangs not yet recovered (a
+/// further SIGSTOP becomes a SIGKILL), so that some watchdog can always testify. That still
+/// allows two hung watchdogs at once, or a hung master with a hung standby. A program's hang
+/// is judged by its own workflow, so programs have no such limit. With `--services`, half
+/// the victims are programs.
 fn strike(
     dir: &RuntimeDir,
     opts: &Options,
@@ -125,6 +158,45 @@ fn strike(
         .filter(|k| k.stop && !gone(k.pid))
         .map(|k| k.pid)
         .collect();
+    let stopped_daemons = kills
+        .iter()
+        .filter(|k| k.stop && !gone(k.pid) && matches!(k.victim, Victim::Daemon(_)))
+        .count();
+    let mut stop = match opts.signal {
+        SignalMode::Kill => false,
+        SignalMode::Stop => true,
+        SignalMode::Mixed => rng.below(2) == 1,
+    };
+    let programs: Vec<(InstanceName, i32, u64)> = if opts.services {
+        state::read_all(dir)
+            .into_values()
+            .filter(|r| r.machine.phase.running())
+            .filter_map(|r| {
+                let run = r.run.as_ref()?;
+                Some((r.name(), run.pid, run.start_ticks))
+            })
+            .filter(|(_, pid, _)| !stopped.contains(pid))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let at_ms = ledger::unix_ms_now();
+    if !programs.is_empty() && rng.below(2) == 1 {
+        let (name, pid, ticks) = programs[rng.below(programs.len())].clone();
+        let fd = spawn::pidfd_open(pid).ok()?;
+        // The pid must still be that program (a replacement may have taken its place).
+        if procscan::start_ticks(pid) != Some(ticks) {
+            return None;
+        }
+        spawn::pidfd_signal(&fd, if stop { libc::SIGSTOP } else { libc::SIGKILL }).ok()?;
+        return Some(Kill {
+            victim: Victim::Program(name),
+            pid,
+            stop,
+            at_ms,
+            offset: t0.elapsed(),
+        });
+    }
     let candidates: Vec<procscan::Found> = procscan::daemons_of(dir.path())
         .into_iter()
         .filter(|f| opts.roles.contains(&f.slot.role) && !stopped.contains(&f.pid))
@@ -133,23 +205,13 @@ fn strike(
         return None;
     }
     let victim = candidates[rng.below(candidates.len())];
-    let mut stop = match opts.signal {
-        SignalMode::Kill => false,
-        SignalMode::Stop => true,
-        SignalMode::Mixed => rng.below(2) == 1,
-    };
-    if stop && stopped.len() >= max_hangs {
+    if stop && stopped_daemons >= max_hangs {
         stop = false;
     }
-    let fd = spawn::pidfd_open(victim.pid).ok()?;
-    // The pid might have been replaced between the scan and the open.
-    if procscan::daemon_slot(victim.pid, dir.path()) != Some(victim.slot) {
-        return None;
-    }
-    let at_ms = ledger::unix_ms_now();
+    let fd = procscan::open_daemon(victim.pid, victim.slot, dir.path())?;
     spawn::pidfd_signal(&fd, if stop { libc::SIGSTOP } else { libc::SIGKILL }).ok()?;
     Some(Kill {
-        slot: victim.slot,
+        victim: Victim::Daemon(victim.slot),
         pid: victim.pid,
         stop,
         at_ms,
@@ -162,46 +224,61 @@ struct Verdict {
     /// Per kill: its replacement's ready event, if any.
     recovered: Vec<Option<Event>>,
     daemons: usize,
+    lines: LineCheck,
 }
 
 fn check(dir: &RuntimeDir, cfg: &Config, kills: &[Kill], ledger_start: u64) -> Verdict {
     let events = events_since(dir, ledger_start);
     // Keyed by slot and pid: one process can fail in two slots (a daemon that took over
     // as communicator leaves its own slot, then may die as communicator).
-    let mut by_old: HashMap<(SlotName, i32), Vec<&Event>> = HashMap::new();
+    let mut by_old: HashMap<(Victim, i32), Vec<&Event>> = HashMap::new();
     for e in events.iter().filter(|e| e.event == "respawned") {
-        if let (Some(old), Some(role), Some(id)) = (e.old_pid.filter(|&p| p > 0), e.role, e.id) {
-            by_old
-                .entry((SlotName { role, id }, old))
-                .or_default()
-                .push(e);
-        }
+        let Some(old) = e.old_pid.filter(|&p| p > 0) else {
+            continue;
+        };
+        let victim = match (&e.service, e.instance, e.role, e.id) {
+            (Some(service), Some(n), ..) => Victim::Program(InstanceName {
+                service: service.clone(),
+                n,
+            }),
+            (None, _, Some(role), Some(id)) => Victim::Daemon(SlotName { role, id }),
+            _ => continue,
+        };
+        by_old.entry((victim, old)).or_default().push(e);
     }
     let mut violations = Vec::new();
     let mut recovered = Vec::new();
     for k in kills {
-        let recs = by_old.get(&(k.slot, k.pid)).map_or(&[][..], Vec::as_slice);
+        let recs = by_old
+            .get(&(k.victim.clone(), k.pid))
+            .map_or(&[][..], Vec::as_slice);
         match recs.len() {
             0 => violations.push(format!(
                 "{} pid {} (+{:.2}s) not recovered",
-                k.slot,
+                k.victim,
                 k.pid,
                 k.offset.as_secs_f64()
             )),
             1 => {}
-            n => violations.push(format!("{} pid {} recovered {n} times", k.slot, k.pid)),
+            n => violations.push(format!("{} pid {} recovered {n} times", k.victim, k.pid)),
         }
         recovered.push(recs.first().map(|e| (*e).clone()));
         if !gone(k.pid) {
             violations.push(format!(
                 "{} pid {} is still running after its replacement",
-                k.slot, k.pid
+                k.victim, k.pid
             ));
         }
     }
-    for ((slot, old), recs) in &by_old {
-        if recs.len() > 1 && !kills.iter().any(|k| k.pid == *old && k.slot == *slot) {
-            violations.push(format!("{slot} pid {old} recovered {} times", recs.len()));
+    for ((victim, old), recs) in &by_old {
+        let ours = kills.iter().any(|k| k.pid == *old && k.victim == *victim);
+        if recs.len() > 1 && !ours {
+            violations.push(format!("{victim} pid {old} recovered {} times", recs.len()));
+        }
+        if !ours && matches!(victim, Victim::Program(_)) {
+            violations.push(format!(
+                "{victim} pid {old} was restarted though chaos did not touch it: a nexus failure reached the program"
+            ));
         }
     }
     let found = procscan::daemons_of(dir.path());
@@ -239,10 +316,84 @@ fn check(dir: &RuntimeDir, cfg: &Config, kills: &[Kill], ledger_start: u64) -> V
         Ok(other) => violations.push(format!("unexpected status answer {other:?}")),
         Err(e) => violations.push(format!("no master answers: {e}")),
     }
+    let mut lines = LineCheck::default();
+    if !cfg.services.is_empty() {
+        for row in super::services_view::rows(dir, cfg) {
+            let name = format!("{}-{}", row.name, row.instance);
+            if !row.fine() && !row.stopped_by_user {
+                violations.push(format!("service {name} is {}", row.state));
+            }
+            lines.check(
+                &name,
+                &state::log_path(
+                    dir,
+                    &InstanceName {
+                        service: row.name.clone(),
+                        n: row.instance,
+                    },
+                ),
+                cfg.log_files,
+                &mut violations,
+            );
+        }
+    }
     Verdict {
         violations,
         recovered,
         daemons: found.len(),
+        lines,
+    }
+}
+
+/// Every `PID N` line a program printed must be in its log once, none missing.
+#[derive(Default)]
+struct LineCheck {
+    programs: usize,
+    lines: u64,
+}
+
+impl LineCheck {
+    fn check(
+        &mut self,
+        name: &str,
+        log: &std::path::Path,
+        keep: u32,
+        violations: &mut Vec<String>,
+    ) {
+        let mut text = String::new();
+        let mut files = crate::logfiles::rotated(log, keep);
+        files.reverse();
+        files.push(log.to_path_buf());
+        for f in files {
+            text.push_str(&std::fs::read_to_string(&f).unwrap_or_default());
+        }
+        // Rotation drops the oldest file: a run is checked from its first line present.
+        let mut runs: BTreeMap<i32, Vec<u64>> = BTreeMap::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() == 5
+                && f[2] == "out"
+                && let (Ok(pid), Ok(n)) = (f[3].parse::<i32>(), f[4].parse::<u64>())
+            {
+                runs.entry(pid).or_default().push(n);
+            }
+        }
+        for (pid, seq) in runs {
+            self.programs += 1;
+            self.lines += seq.len() as u64;
+            if let Some(w) = seq.windows(2).find(|w| w[1] != w[0] + 1) {
+                violations.push(format!(
+                    "{name} pid {pid}: line {} followed by {}: {}",
+                    w[0],
+                    w[1],
+                    if w[1] <= w[0] {
+                        "a line repeated"
+                    } else {
+                        "lines lost"
+                    }
+                ));
+            }
+        }
     }
 }
 
@@ -255,17 +406,36 @@ fn report(kills: &[Kill], v: &Verdict) {
         kills.len() - n_kill,
         v.daemons
     );
-    let mut by_role: BTreeMap<Role, usize> = BTreeMap::new();
+    let mut by_role: BTreeMap<String, usize> = BTreeMap::new();
     for k in kills {
-        *by_role.entry(k.slot.role).or_default() += 1;
+        let what = match &k.victim {
+            Victim::Daemon(s) => s.role.to_string(),
+            Victim::Program(_) => "program".to_string(),
+        };
+        *by_role.entry(what).or_default() += 1;
     }
     let roles: Vec<String> = by_role.iter().map(|(r, n)| format!("{r} {n}")).collect();
     println!("by role: {}", roles.join(", "));
-    for (label, stop) in [("SIGKILL", false), ("SIGSTOP", true)] {
+    if v.lines.programs > 0 {
+        println!(
+            "output: {} lines of {} program runs checked, each once and in order",
+            v.lines.lines, v.lines.programs
+        );
+    }
+    for (label, stop, programs) in [
+        ("SIGKILL", false, false),
+        ("SIGSTOP", true, false),
+        ("program SIGKILL", false, true),
+        ("program SIGSTOP", true, true),
+    ] {
         let mut to_ready: Vec<f64> = Vec::new();
         let mut recover: Vec<f64> = Vec::new();
         for (k, rec) in kills.iter().zip(&v.recovered) {
-            let Some(e) = rec.as_ref().filter(|_| k.stop == stop) else {
+            let is_program = matches!(k.victim, Victim::Program(_));
+            let Some(e) = rec
+                .as_ref()
+                .filter(|_| k.stop == stop && is_program == programs)
+            else {
                 continue;
             };
             if let Some(ts) = ledger::parse_rfc3339(&e.ts) {
@@ -276,19 +446,29 @@ fn report(kills: &[Kill], v: &Verdict) {
             }
         }
         if !to_ready.is_empty() {
+            let what = if programs { "restarted" } else { "ready" };
             println!(
-                "{label}: signal -> replacement ready (ms): {}",
+                "{label}: signal -> replacement {what} (ms): {}",
                 summary(&mut to_ready)
             );
-            println!(
-                "{label}: detection -> replacement ready, from the ledger (ms): {}",
-                summary(&mut recover)
-            );
+            if !recover.is_empty() {
+                println!(
+                    "{label}: detection -> replacement ready, from the ledger (ms): {}",
+                    summary(&mut recover)
+                );
+            }
         }
     }
     if v.violations.is_empty() {
+        let programs = if v.lines.programs > 0
+            || kills.iter().any(|k| matches!(k.victim, Victim::Program(_)))
+        {
+            "; every program failure restarted once, none for a nexus failure, no line lost"
+        } else {
+            ""
+        };
         println!(
-            "PASS: every failure recovered exactly once; cluster whole; no orphan, no duplicate"
+            "PASS: every failure recovered exactly once; cluster whole; no orphan, no duplicate{programs}"
         );
     } else {
         println!("FAIL: {} violations", v.violations.len());

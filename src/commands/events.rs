@@ -68,6 +68,14 @@ fn print_line(line: &str, json: bool) {
     if let (Some(role), Some(id)) = (ev.role, ev.id) {
         out.push_str(&format!(" {role}-{id}"));
     }
+    match (&ev.service, ev.instance) {
+        (Some(s), Some(n)) => out.push_str(&format!(" {s}-{n}")),
+        (Some(s), None) => out.push_str(&format!(" {s}")),
+        _ => {}
+    }
+    if let Some(w) = ev.workflow {
+        out.push_str(&format!(" (workflow-{w})"));
+    }
     if let Some(pid) = ev.pid {
         out.push_str(&format!(" pid={pid}"));
     }
@@ -76,6 +84,12 @@ fn print_line(line: &str, json: bool) {
     }
     if let Some(c) = &ev.cause {
         out.push_str(&format!(" cause={c}"));
+    }
+    if let Some(c) = ev.code {
+        out.push_str(&format!(" code={c}"));
+    }
+    if let Some(s) = ev.signal {
+        out.push_str(&format!(" signal={}", crate::child::signal_name(s)));
     }
     if let Some(d) = ev.detect_ms {
         out.push_str(&format!(" detect={d}ms"));

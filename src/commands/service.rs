@@ -13,6 +13,54 @@ use crate::services::machine::Phase;
 use crate::services::spec::InstanceName;
 use crate::services::state::{self, Record};
 
+/// `nexus pid NAME`: the pid of a daemon (`workflow-3`) or of a service instance's program
+/// (`web-1`), alone on stdout, for `kill -9 "$(nexus pid web-1)"`.
+#[inline(never)]
+pub fn pid(common: &Common, name: &str) -> Result<i32, String> {
+    let dir = common.runtime_dir()?;
+    if let Some(slot) = crate::config::SlotName::parse(name) {
+        let reply = client::request(
+            &dir.control_socket(),
+            &Request::Status {},
+            Duration::from_secs(2),
+        )
+        .map_err(|e| format!("nexus is not running in {} ({e})", dir.display()))?;
+        let Response::Status(report) = reply else {
+            return Err("unexpected answer from the master".into());
+        };
+        let m = report
+            .members
+            .iter()
+            .find(|m| m.slot() == slot)
+            .ok_or_else(|| format!("{slot} is not a slot of this cluster"))?;
+        if m.pid == 0 {
+            return Err(format!("{slot} has no process right now ({:?})", m.state).to_lowercase());
+        }
+        println!("{}", m.pid);
+        return Ok(0);
+    }
+    let cfg = Config::load(&dir.config_file())
+        .map_err(|_| format!("nexus is not running in {}", dir.display()))?;
+    let names = crate::services::spec::targets(&cfg.services, name)?;
+    let [inst] = names.as_slice() else {
+        return Err(format!(
+            "`{name}` has {} instances: name one, like {name}-1",
+            names.len()
+        ));
+    };
+    let rec = state::read_record(&dir, inst);
+    match rec.as_ref().and_then(|r| r.run.as_ref()) {
+        Some(run) => {
+            println!("{}", run.pid);
+            Ok(0)
+        }
+        None => Err(format!(
+            "{inst} has no program running ({})",
+            rec.map_or("not started", |r| r.machine.state_name())
+        )),
+    }
+}
+
 #[inline(never)]
 pub fn run(common: &Common, action: &str, target: &str) -> Result<(), String> {
     let action = match action {

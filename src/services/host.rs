@@ -976,6 +976,7 @@ impl Host {
                         // One more peek sees the end of the stream (tee returns 0).
                         s.pump(&mut self.log, &name, true, &mut self.scratch, &mut |_| {});
                     }
+                    self.stats.log_lines = self.log.lines;
                     self.stats_dirty = true;
                     if matched && self.record.machine.phase == Phase::Starting {
                         self.passive_ready();

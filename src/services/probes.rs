@@ -147,15 +147,12 @@ impl Prober {
         if self.passive() {
             return None;
         }
-        if let Some((_, started)) = &self.inflight {
+        if let Some(started) = self.inflight.as_ref().map(|(_, s)| *s) {
             let limit = Duration::from_millis(self.spec.timeout_ms);
-            if now.duration_since(*started) >= limit {
+            if now.duration_since(started) >= limit {
                 self.cancel(poll);
-                return Some(self.finish(
-                    now,
-                    false,
-                    Some(format!("timed out after {} ms", self.spec.timeout_ms)),
-                ));
+                let why = format!("timed out after {} ms", self.spec.timeout_ms);
+                return Some(self.finish(started, now, false, Some(why)));
             }
             return None;
         }
@@ -169,7 +166,7 @@ impl Prober {
             }
             Err(e) => {
                 self.inflight = None;
-                Some(self.finish(now, false, Some(e)))
+                Some(self.finish(now, now, false, Some(e)))
             }
         }
     }
@@ -260,24 +257,23 @@ impl Prober {
             Inflight::Exec { .. } => None,
         };
         let (ok, error) = outcome?;
+        let started = self.inflight.as_ref().map_or(now, |(_, s)| *s);
         self.cancel(poll);
-        Some(self.finish(now, ok, error))
+        Some(self.finish(started, now, ok, error))
     }
 
     /// The exec probe's child ended (reaped by the host).
     pub fn on_child_exit(&mut self, ended: Ended, now: Instant) -> Verdict {
-        self.inflight = None;
+        let started = self.inflight.take().map_or(now, |(_, s)| s);
         let ok = ended.clean();
-        self.finish(
-            now,
-            ok,
-            (!ok).then(|| format!("exec probe: {}", ended.describe())),
-        )
+        let error = (!ok).then(|| format!("exec probe: {}", ended.describe()));
+        self.finish(started, now, ok, error)
     }
 
-    /// A passive check's result (READY=1, a matching line).
+    /// A passive check's result (READY=1, a matching line): timed from the probe's start.
     pub fn passive_pass(&mut self, now: Instant) -> Verdict {
-        self.finish(now, true, None)
+        let started = self.next_at.min(now);
+        self.finish(started, now, true, None)
     }
 
     fn cancel(&mut self, poll: &Poll) {
@@ -296,8 +292,15 @@ impl Prober {
         }
     }
 
-    fn finish(&mut self, now: Instant, ok: bool, error: Option<String>) -> Verdict {
-        let started = self.inflight.take().map_or(now, |(_, s)| s);
+    /// A check that began at `started` ended at `now`.
+    fn finish(
+        &mut self,
+        started: Instant,
+        now: Instant,
+        ok: bool,
+        error: Option<String>,
+    ) -> Verdict {
+        self.inflight = None;
         let took = now.saturating_duration_since(started);
         // The next check a period after this one began (never two at once).
         self.next_at = (started + Duration::from_millis(self.spec.period_ms)).max(now);
@@ -498,7 +501,18 @@ mod tests {
         let t0 = Instant::now();
         let v = run_until(&mut p, &mut poll, Duration::from_secs(5));
         assert!(v.error.unwrap().contains("timed out after 150 ms"));
+        assert!(
+            v.took >= Duration::from_millis(150),
+            "timed from its start: {:?}",
+            v.took
+        );
         assert!(t0.elapsed() < Duration::from_secs(2));
+        // The next check is a period after this one began, not a period after it failed.
+        let next = p.deadline().unwrap();
+        assert!(
+            next <= Instant::now() + Duration::from_millis(5),
+            "due at once: {next:?}"
+        );
         drop(silent);
     }
 }

@@ -720,6 +720,68 @@ fn parse_one(
     Some(spec)
 }
 
+/// What `nexus help config` says about each service key.
+pub const SERVICE_KEY_HELP: &[(&str, &str)] = &[
+    (
+        "name",
+        "unique, [a-z][a-z0-9-]*, not a role name; instance N is NAME-N",
+    ),
+    ("command", "the argv to run (no shell); or"),
+    (
+        "shell",
+        "one string run by /bin/sh -c (exactly one of command and shell)",
+    ),
+    (
+        "cwd",
+        "working directory; relative to the config file's directory, which is the default",
+    ),
+    (
+        "env",
+        "extra environment (object of strings); never printed by nexus",
+    ),
+    (
+        "user, group",
+        "run as this user and group (nexus must run as root)",
+    ),
+    (
+        "instances",
+        "how many (default 1); each needs a workflow: workflows >= the total",
+    ),
+    (
+        "restart",
+        "always (default), on-failure or never; a clean exit under the last two is completed",
+    ),
+    (
+        "critical",
+        "default true: not ready makes the cluster CRITICAL, else DEGRADED",
+    ),
+    (
+        "depends_on",
+        "{\"web\": \"started\"|\"ready\"|\"completed\"}: start once those hold",
+    ),
+    (
+        "ready",
+        "a probe: {\"http\": URL} {\"tcp\": \"HOST:PORT\"} {\"exec\": [argv]} {\"log\": REGEX} or \"notify\"",
+    ),
+    (
+        "liveness",
+        "a probe (http, tcp, exec) with period_ms, timeout_ms, failures, initial_delay_ms",
+    ),
+    (
+        "watchdog_ms",
+        "sd_notify WATCHDOG=1 expected at least this often, else it is hung",
+    ),
+    ("stop_signal", "how it is asked to stop (default SIGTERM)"),
+    (
+        "stop_grace_ms",
+        "then SIGKILL for the whole tree after this long (default 5000)",
+    ),
+    (
+        "limits",
+        "{\"memory_max\": bytes, \"pids_max\": n, \"nofile\": n}: cgroup v2, else rlimits",
+    ),
+];
+
 pub const SERVICE_KEYS: &[&str] = &[
     "name",
     "command",
