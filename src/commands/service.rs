@@ -166,6 +166,9 @@ fn is_failed(r: &Record) -> bool {
     r.machine.state_name() == "failed"
 }
 
+/// Failures during a wait after which an instance counts as crash-looping.
+const CRASH_LOOP: u32 = 3;
+
 /// A program without a ready probe is ready at its exec; `start` still waits this long
 /// after the exec, so that one which dies at once (a typo in a `shell` command) fails the
 /// start instead of passing it.
@@ -228,7 +231,16 @@ pub fn wait_ready(
                     || (desired.of(n).stopped && r.machine.phase == Phase::Stopped)
             })
         };
-        let failed = |n: &InstanceName| recs.get(&n.to_string()).is_some_and(is_failed);
+        // Failed, or crash-looping: three failures since the wait began and not running
+        // now. Waiting out the backoff would only delay the same answer.
+        let failed = |n: &InstanceName| {
+            let key = n.to_string();
+            recs.get(&key).is_some_and(|r| {
+                let base = baseline.get(&key).copied().unwrap_or(0);
+                is_failed(r)
+                    || (r.machine.failures() >= base + CRASH_LOOP && !r.machine.phase.running())
+            })
+        };
         let pending: Vec<&InstanceName> = names.iter().filter(|n| !done(n)).collect();
         if let Some(n) = pending.iter().find(|n| critical(n) && failed(n)) {
             return Err(explain(dir, n, recs.get(&n.to_string())));
@@ -279,7 +291,14 @@ pub fn explain(dir: &RuntimeDir, n: &InstanceName, rec: Option<&Record>) -> Stri
     let mut out = match rec {
         None => format!("service {n} has not started (no workflow has taken it up yet)"),
         Some(r) => {
-            let mut s = format!("service {n} is {}", r.machine.state_name());
+            let state = match r.machine.state_name() {
+                "backoff" => format!(
+                    "crash-looping ({} failures, waiting to restart)",
+                    r.machine.failures()
+                ),
+                other => other.to_string(),
+            };
+            let mut s = format!("service {n} is {state}");
             if let Some(e) = &r.machine.last_error {
                 s.push_str(&format!("; last error: {e}"));
             }

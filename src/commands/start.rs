@@ -40,6 +40,18 @@ pub fn run(common: &Common, foreground: bool) -> Result<(), String> {
             pids.join(", ")
         ));
     }
+    let programs = crate::services::state::leftover_programs(&dir);
+    if !programs.is_empty() {
+        let list: Vec<String> = programs
+            .iter()
+            .map(|(n, pid)| format!("{n} pid {pid}"))
+            .collect();
+        return Err(format!(
+            "programs of a previous run in {} are still running without nexus ({}); run ./stop first",
+            dir.display(),
+            list.join(", ")
+        ));
+    }
     // Leftovers of a crashed run are not a reason to refuse: nothing owns them. A fresh
     // start starts every service (a service stopped by the user before is started too).
     dir.remove_sockets();

@@ -62,10 +62,18 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
         members.insert(f.pid, f.slot);
     }
     if members.is_empty() {
+        let programs = sweep_programs(dir);
         dir.remove_sockets();
         let _ = std::fs::remove_file(&marker);
         if !quiet {
-            println!("nexus is not running in {}", dir.display());
+            if programs > 0 {
+                println!(
+                    "nexus is not running in {}; {programs} program processes it had left were killed",
+                    dir.display()
+                );
+            } else {
+                println!("nexus is not running in {}", dir.display());
+            }
         }
         return Ok(());
     }
@@ -194,28 +202,36 @@ impl StopOrder {
     }
 }
 
-/// Kills what is left of every service instance's tree (its workflow is gone by now).
+/// Kills what is left of every service instance's tree (its workflow is gone by now),
+/// and removes the instances' cgroups.
 fn sweep_programs(dir: &RuntimeDir) -> usize {
     use crate::services::tree::{Identity, Tree};
     let mut killed = 0;
     for rec in crate::services::state::read_all(dir).into_values() {
-        let Some(run) = rec.run else { continue };
-        let tree = Tree::new(Identity {
-            pgid: run.pgid,
-            token: run.token,
-            cgroup: run.cgroup,
-        });
-        // Bounded: a tree that keeps forking is killed again, a few times.
-        for _ in 0..5 {
-            let n = tree.signal_all(libc::SIGKILL);
-            killed += n;
-            if n == 0 {
-                break;
+        if let Some(run) = rec.run {
+            let tree = Tree::new(Identity {
+                pgid: run.pgid,
+                token: run.token,
+                cgroup: run.cgroup,
+            });
+            // Bounded: a tree that keeps forking is killed again, a few times.
+            for _ in 0..5 {
+                let n = tree.signal_all(libc::SIGKILL);
+                killed += n;
+                if n == 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
-        if let Some(cg) = &tree.cgroup {
-            cg.remove();
+        if let Some(cg) = rec.cgroup.as_deref() {
+            // Emptied by the kill above; the kernel needs a moment to let the dead go.
+            for _ in 0..50 {
+                if std::fs::remove_dir(cg).is_ok() || !cg.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
     }
     killed

@@ -516,12 +516,17 @@ impl Host {
     /// cgroup's leftovers is dealt with before the fork.
     fn spawn(&mut self, poll: &Poll) {
         let cause = self.record.machine.pending_cause.take();
+        // Removed under our feet (by hand, or a cleanup): made again.
+        if self.cgroup.as_ref().is_some_and(|c| !c.path.exists()) {
+            self.cgroup = None;
+        }
         if self.cgroup.is_none() {
             let (cg, applied) = tree::prepare_cgroup(
                 &state::dir_tag(&self.dir),
                 &self.name.to_string(),
                 &self.spec.limits,
             );
+            self.record.cgroup = cg.as_ref().map(|c| c.path.clone());
             self.cgroup = cg;
             let (_, said) =
                 tree::rlimits_for(&self.spec.limits, &applied, self.spec.user.is_some());
@@ -1219,6 +1224,9 @@ impl Host {
 
     /// The instance was removed from the config and its program is gone: forget it.
     pub fn forget(&self) {
+        if let Some(cg) = &self.cgroup {
+            cg.remove();
+        }
         let _ = std::fs::remove_file(state::record_path(&self.dir, &self.name));
         let _ =
             std::fs::remove_file(state::stats_dir(&self.dir).join(format!("{}.json", self.name)));

@@ -60,6 +60,9 @@ pub struct Record {
     /// How each configured limit applies here.
     #[serde(default)]
     pub limits: Vec<String>,
+    /// The instance's cgroup, kept across its runs (removed when it is stopped for good).
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
     /// The start and restart requests already acted on (see `Want`).
     #[serde(default)]
     pub start_gen: u64,
@@ -79,6 +82,7 @@ impl Record {
             run: None,
             status_text: None,
             limits: Vec::new(),
+            cgroup: None,
             start_gen: 0,
             restart_gen: 0,
             updated_ms: 0,
@@ -242,6 +246,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .open(&tmp)?;
     f.write_all(bytes)?;
     std::fs::rename(&tmp, path)
+}
+
+/// Programs a previous run of the cluster left running (every daemon died without
+/// stopping them): `start` refuses while there are any; `stop` ends them.
+pub fn leftover_programs(dir: &RuntimeDir) -> Vec<(String, i32)> {
+    read_all(dir)
+        .into_iter()
+        .filter_map(|(name, r)| {
+            let run = r.run?;
+            let alive = crate::procscan::start_ticks(run.pid) == Some(run.start_ticks)
+                && crate::procscan::state(run.pid).is_some_and(|s| s != 'Z');
+            alive.then_some((name, run.pid))
+        })
+        .collect()
 }
 
 /// Removes what a fresh `start` must not inherit: old records, wishes, cursors, stats.

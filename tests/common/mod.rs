@@ -185,12 +185,37 @@ pub fn kill_all(dir: &Path) {
     for _ in 0..50 {
         let pids = marked(dir);
         if pids.is_empty() {
-            return;
+            break;
         }
         for &p in &pids {
             unsafe { libc::kill(p, libc::SIGKILL) };
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    remove_cgroups(dir);
+}
+
+/// The services' cgroups named in the directory's records (machine-wide state, so a
+/// test must not leave them behind).
+fn remove_cgroups(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir.join("services/state")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some(rec) = std::fs::read(e.path())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        else {
+            continue;
+        };
+        if let Some(cg) = rec["cgroup"].as_str() {
+            for _ in 0..50 {
+                if std::fs::remove_dir(cg).is_ok() || !Path::new(cg).exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
 }
 
