@@ -53,7 +53,11 @@ fn metrics_count_what_happened_and_pass_promtool() {
     assert_eq!(value(&m, "nexus_leader_changes_total"), 1.0);
     assert!(value(&m, "nexus_recovery_seconds_count") >= 1.0);
     assert!(value(&m, r#"nexus_heartbeats_received_total{watchdog="1"}"#) > 0.0);
+    promtool(&m);
+}
 
+/// `promtool check metrics` on the exposition (installed by .ci/run).
+fn promtool(m: &str) {
     match std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
@@ -73,6 +77,54 @@ fn metrics_count_what_happened_and_pass_promtool() {
             eprintln!("promtool not installed: exposition checked by the assertions above only")
         }
     }
+}
+
+#[test]
+fn services_have_their_own_series_and_pass_promtool() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("ok");
+    std::fs::write(&flag, "").unwrap();
+    let c = Cluster::new(&format!(
+        r#"{{"interval_ms": 100, "timeout_ms": 1000, "workflows": 2, "services": [
+            {{"name": "app", "command": ["sleep", "1000"],
+              "liveness": {{"exec": ["test", "-e", "{}"], "period_ms": 50, "failures": 1000}}}}]}}"#,
+        flag.display()
+    ));
+    c.start();
+    let old = c.program_pid("app-1").unwrap();
+    signal(old, libc::SIGKILL);
+    c.wait_program_replaced("app-1", old, Duration::from_secs(10));
+    std::fs::remove_file(&flag).unwrap();
+    // Probe counts reach the stats file every few seconds.
+    wait_until("probe failures counted", Duration::from_secs(20), || {
+        let m = metrics(&c);
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"nexus_service_probe_failures_total{service="app",instance="1",probe="liveness"} "#)
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .is_some_and(|v| v > 0.0)
+    });
+    let m = metrics(&c);
+    assert_eq!(
+        value(&m, r#"nexus_service_up{service="app",instance="1"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"nexus_service_restarts_total{service="app",instance="1",cause="crash"}"#
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            &m,
+            r#"nexus_service_probe_duration_seconds_count{service="app",instance="1",probe="liveness"}"#
+        ) > 0.0
+    );
+    assert!(value(&m, r#"nexus_service_rss_bytes{service="app",instance="1"}"#) > 0.0);
+    promtool(&m);
 }
 
 #[test]

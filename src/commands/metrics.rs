@@ -207,15 +207,11 @@ fn render_services(out: &mut String, s: &Snapshot) {
         out,
         "nexus_service_up",
         "gauge",
-        "1 if the service instance is ready (or completed), else 0.",
+        "1 if the service instance is ready (unhealthy included) or completed, else 0.",
     );
     for r in &s.services {
-        let _ = writeln!(
-            out,
-            "nexus_service_up{{{}}} {}",
-            label(r),
-            u8::from(r.fine())
-        );
+        let up = r.fine() || r.state == "unhealthy";
+        let _ = writeln!(out, "nexus_service_up{{{}}} {}", label(r), u8::from(up));
     }
     family(
         out,

@@ -270,10 +270,10 @@ impl Communicator {
             .write_config(&cfg)
             .map_err(|e| format!("cannot write config.json: {e}"))?;
         let changes = super::master::config_changes(&self.ctx.config, &cfg);
-        self.ctx.config = cfg;
+        let old = std::mem::replace(&mut self.ctx.config, cfg);
         self.rebuild_heart()?;
         if let Some(m) = self.master.as_mut() {
-            m.apply_config(&self.ctx, &self.poll, &changes);
+            m.apply_config(&self.ctx, &self.poll, &old, &changes);
         }
         Ok(())
     }

@@ -38,6 +38,9 @@ pub const T_READY_PROBE: Token = Token(4);
 pub const T_LIVE_PROBE: Token = Token(5);
 /// Output streams get tokens from here up.
 const T_STREAMS: usize = 16;
+/// Probe counts reach their file at most this often: a metrics scrape is slower still,
+/// and a hundred probed services must not cost a file write each every interval.
+const STATS_EVERY: Duration = Duration::from_secs(5);
 
 /// The program run this host watches.
 struct Live {
@@ -810,7 +813,7 @@ impl Host {
             self.stats.notify_rejected = self.notify.as_ref().map_or(0, |n| n.rejected);
             let _ = state::write_stats(&self.dir, &self.name, &self.stats);
             self.stats_dirty = false;
-            self.next_stats_write = now_i + self.interval;
+            self.next_stats_write = now_i + self.interval.max(STATS_EVERY);
         }
     }
 

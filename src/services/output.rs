@@ -27,8 +27,11 @@ use std::time::{Duration, Instant};
 
 /// Lines longer than this are split.
 pub const MAX_LINE: usize = 16 * 1024;
-/// Peeked at a time.
-const CHUNK: usize = 64 * 1024;
+/// Peeked at a time (at least one whole line of MAX_LINE).
+const CHUNK: usize = 32 * 1024;
+/// Formatted lines written at a time. With the chunk, what bounds nexus's memory however
+/// the program writes: a flood of one-byte lines is formatted (and consumed) in pieces.
+const OUT_LIMIT: usize = 64 * 1024;
 /// A partial line is written after waiting this long for its newline.
 pub const PARTIAL_WAIT: Duration = Duration::from_secs(1);
 /// The pipe size asked for (the kernel caps it at /proc/sys/fs/pipe-max-size).
@@ -337,6 +340,7 @@ impl Stream {
                 &ts,
                 name,
                 self.which.as_str(),
+                OUT_LIMIT,
                 &mut scratch.out,
                 on_line,
             );
@@ -372,7 +376,7 @@ impl Scratch {
     pub fn new() -> Scratch {
         Scratch {
             buf: vec![0; CHUNK],
-            out: Vec::with_capacity(CHUNK + 4096),
+            out: Vec::with_capacity(OUT_LIMIT + MAX_LINE + 256),
         }
     }
 }
@@ -422,19 +426,22 @@ fn consume(fd: RawFd, mut n: usize) {
 }
 
 /// Formats the whole lines of `data` (and a trailing partial one if `flush`) into `out`:
-/// `TS NAME STREAM TEXT`. Returns the bytes of `data` consumed and the lines written.
+/// `TS NAME STREAM TEXT`, stopping once `out` holds `limit` bytes (the rest is taken
+/// next time). Returns the bytes of `data` consumed and the lines written.
+#[allow(clippy::too_many_arguments)]
 pub fn format_lines(
     data: &[u8],
     flush: bool,
     ts: &str,
     name: &str,
     stream: &str,
+    limit: usize,
     out: &mut Vec<u8>,
     on_line: &mut dyn FnMut(&str),
 ) -> (usize, u64) {
     let mut pos = 0;
     let mut lines = 0;
-    while pos < data.len() {
+    while pos < data.len() && out.len() < limit {
         let rest = &data[pos..];
         let window = &rest[..rest.len().min(MAX_LINE)];
         let (line, advance) = match window.iter().position(|&b| b == b'\n') {
@@ -496,7 +503,16 @@ mod tests {
 
     fn fmt(data: &[u8], flush: bool) -> (usize, String) {
         let mut out = Vec::new();
-        let (n, _) = format_lines(data, flush, "T", "web-1", "out", &mut out, &mut |_| {});
+        let (n, _) = format_lines(
+            data,
+            flush,
+            "T",
+            "web-1",
+            "out",
+            1 << 20,
+            &mut out,
+            &mut |_| {},
+        );
         (n, String::from_utf8(out).unwrap())
     }
 
@@ -538,12 +554,29 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_of_tiny_lines_is_formatted_in_bounded_pieces() {
+        let data = b"x\n".repeat(10_000);
+        let mut out = Vec::new();
+        let (n, lines) = format_lines(&data, false, "T", "w-1", "out", 4096, &mut out, &mut |_| {});
+        assert!(out.len() < 4096 + 64, "bounded: {}", out.len());
+        assert_eq!(n as u64, lines * 2, "only what was formatted is consumed");
+        assert!(n < data.len());
+    }
+
+    #[test]
     fn lines_are_offered_to_the_log_probe() {
         let mut seen = Vec::new();
         let mut out = Vec::new();
-        format_lines(b"a\nb\n", false, "T", "x-1", "err", &mut out, &mut |l| {
-            seen.push(l.to_string())
-        });
+        format_lines(
+            b"a\nb\n",
+            false,
+            "T",
+            "x-1",
+            "err",
+            1 << 20,
+            &mut out,
+            &mut |l| seen.push(l.to_string()),
+        );
         assert_eq!(seen, ["a", "b"]);
     }
 

@@ -302,14 +302,21 @@ impl Master {
         Next::Continue
     }
 
-    /// The communicator has written and adopted a new config (`ctx.config`): move the
-    /// slots to it; every daemon is told with a SIGHUP.
-    pub fn apply_config(&mut self, ctx: &DaemonCtx, poll: &Poll, changes: &[String]) {
+    /// The communicator has written and adopted a new config (`ctx.config`; `old` is the
+    /// one before): move the slots to it; every daemon is told with a SIGHUP.
+    pub fn apply_config(&mut self, ctx: &DaemonCtx, poll: &Poll, old: &Config, changes: &[String]) {
         let mut ev = Event::new("reloaded");
         ev.detail = Some(changes.join("; "));
         self.ledger.append(&ev);
         self.whole_logged = false;
-        self.resize(ctx, poll);
+        // A retired workflow may first have to stop a removed service's program.
+        let service_grace = old
+            .services
+            .iter()
+            .map(|s| s.stop_grace_ms)
+            .max()
+            .unwrap_or(0);
+        self.resize(ctx, poll, std::time::Duration::from_millis(service_grace));
     }
 
     /// The master is exiting (a signal, or a hand-over).

@@ -251,8 +251,9 @@ impl Master {
     }
 
     /// Moves to a new config: slots that stay keep their processes, new slots are
-    /// spawned, removed ones are stopped (SIGTERM, then SIGKILL after the grace period).
-    pub(super) fn resize(&mut self, ctx: &DaemonCtx, poll: &Poll) {
+    /// spawned, removed ones are stopped (SIGTERM, then SIGKILL after the grace period, to
+    /// which a removed workflow gets `service_grace` more: it may be stopping a program).
+    pub(super) fn resize(&mut self, ctx: &DaemonCtx, poll: &Poll, service_grace: Duration) {
         let grace = Duration::from_millis(ctx.config.stop_grace_ms);
         let mut old: HashMap<SlotName, Slot> = self.slots.drain(..).map(|s| (s.name, s)).collect();
         self.slots = ctx
@@ -263,6 +264,11 @@ impl Master {
             .collect();
         for (name, slot) in old {
             if let Some(Occupant::Proc(mut p)) = slot.occupant {
+                let grace = if name.role == crate::config::Role::Workflow {
+                    grace + service_grace
+                } else {
+                    grace
+                };
                 // A process already being stopped keeps its own deadline.
                 if p.state
                     .stop(StopReason::Retire, Instant::now() + grace)
