@@ -99,7 +99,7 @@ fn a_service_that_cannot_become_ready_fails_start_with_its_error_last_exit_and_l
     let err = String::from_utf8_lossy(&out.stderr);
     for needle in [
         "broken-1",
-        "failed",
+        "crash-looping",
         "exit status 3",
         "cannot open /etc/broken.conf",
     ] {

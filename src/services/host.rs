@@ -92,6 +92,8 @@ pub struct Host {
     cgroup: Option<tree::Cgroup>,
     /// Another workflow still hosts it (a move in progress, or one being replaced).
     waiting_for: Option<HostRec>,
+    /// The definitions of the services it depends on (for their instances and hashes).
+    deps: Vec<ServiceSpec>,
     /// The definition changed: restart once the dependencies are back.
     reload_pending: bool,
     stats: Stats,
@@ -174,6 +176,7 @@ impl Host {
             base_env: base_env(),
             cgroup: None,
             waiting_for: None,
+            deps: deps_of(spec, &ctx.config),
             reload_pending: false,
             stats: Stats::default(),
             stats_dirty: false,
@@ -416,12 +419,18 @@ impl Host {
         }
     }
 
+    /// Whether the record file `name` is one of a dependency's instances.
+    fn watches(&self, name: &str) -> bool {
+        name.strip_suffix(".json")
+            .and_then(InstanceName::parse)
+            .is_some_and(|i| self.spec.depends_on.contains_key(&i.service))
+    }
+
     /// Every dependency meets its condition. With `current`, each must also run its
     /// current definition (a reload restarts in dependency order).
     fn deps_met(&self, current: bool) -> bool {
-        let cfg = Config::load(&self.dir.config_file()).ok();
         self.spec.depends_on.iter().all(|(dep, cond)| {
-            let Some(dep_spec) = cfg.as_ref().and_then(|c| c.service(dep)) else {
+            let Some(dep_spec) = self.deps.iter().find(|d| &d.name == dep) else {
                 return true;
             };
             let hash = format!("{:016x}", dep_spec.definition_hash());
@@ -550,8 +559,8 @@ impl Host {
                 stdout: out_w.as_raw_fd(),
                 stderr: err_w.as_raw_fd(),
             };
-            let cg_fd = self.cgroup.as_ref().map(|c| c.procs_fd());
-            let (pid, pidfd) = child::start(&prog, &stdio, cg_fd).map_err(|e| e.to_string())?;
+            let cg = self.cgroup.as_ref().map(|c| c.fds());
+            let (pid, pidfd) = child::start(&prog, &stdio, cg).map_err(|e| e.to_string())?;
             Ok((pid, pidfd, out_r, err_r))
         });
         let now = mono_ms();
@@ -638,7 +647,7 @@ impl Host {
             ProbeKind::Log(re) => regex_lite::Regex::new(re).ok(),
             _ => None,
         };
-        self.ready_probe = Some(Prober::new(spec, T_READY_PROBE, Instant::now()));
+        self.ready_probe = Some(Prober::readiness(spec, T_READY_PROBE, Instant::now()));
     }
 
     fn start_liveness(&mut self) {
@@ -919,20 +928,30 @@ impl Host {
         match token {
             T_MAIN => self.on_main_exit(poll),
             T_INOTIFY => {
-                let mut relevant = false;
+                // Only the files this instance depends on: the users' wishes, its own
+                // record (a predecessor letting go), its dependencies' records. Every
+                // record written wakes every host; the rest of them cost one read here.
+                let (mut wishes, mut relevant) = (false, false);
+                let own = format!("{}.json", self.name);
                 while let Ok(events) = self.inotify.read_events() {
                     if events.is_empty() {
                         break;
                     }
                     for e in events {
-                        let name = e.name.as_ref().map(|n| n.to_string_lossy().into_owned());
-                        if name.as_deref().is_some_and(|n| !n.starts_with('.')) {
+                        let Some(name) = e.name.as_ref().and_then(|n| n.to_str()) else {
+                            continue;
+                        };
+                        if name == "desired.json" {
+                            wishes = true;
+                        } else if name == own || self.watches(name) {
                             relevant = true;
                         }
                     }
                 }
-                if relevant {
+                if wishes {
                     self.desired = Desired::read(&self.dir);
+                }
+                if wishes || relevant {
                     if let Some(h) = self.waiting_for {
                         let released = state::read_record(&self.dir, &self.name)
                             .is_none_or(|r| r.host != Some(h));
@@ -949,7 +968,7 @@ impl Host {
                 if let Some(v) = self
                     .ready_probe
                     .as_mut()
-                    .and_then(|p| p.on_event(poll, Instant::now()))
+                    .and_then(|p| p.on_event(Instant::now()))
                 {
                     self.on_ready_verdict(v);
                 }
@@ -958,7 +977,7 @@ impl Host {
                 if let Some(v) = self
                     .liveness
                     .as_mut()
-                    .and_then(|p| p.on_event(poll, Instant::now()))
+                    .and_then(|p| p.on_event(Instant::now()))
                 {
                     self.on_liveness_verdict(poll, v);
                 }
@@ -1161,6 +1180,7 @@ impl Host {
     /// once its changed dependencies are back; an unchanged one is left alone.
     pub fn reconfigure(&mut self, poll: &Poll, cfg: &Config, spec: &ServiceSpec) {
         let changed = spec.definition_hash() != self.spec.definition_hash();
+        self.deps = deps_of(spec, cfg);
         self.rules = rules_of(spec, cfg);
         self.stop_timeout = cfg.timeout();
         self.interval = cfg.interval();
@@ -1240,6 +1260,14 @@ impl Live {
     fn pgid(&self) -> i32 {
         self.tree.id.pgid
     }
+}
+
+fn deps_of(spec: &ServiceSpec, cfg: &Config) -> Vec<ServiceSpec> {
+    cfg.services
+        .iter()
+        .filter(|s| spec.depends_on.contains_key(&s.name))
+        .cloned()
+        .collect()
 }
 
 fn rules_of(spec: &ServiceSpec, cfg: &Config) -> Rules {

@@ -76,7 +76,6 @@ impl ProbeStats {
 enum Inflight {
     Http {
         stream: TcpStream,
-        request: Vec<u8>,
         sent: usize,
         reply: Vec<u8>,
     },
@@ -96,7 +95,14 @@ pub struct Prober {
     next_at: Instant,
     inflight: Option<(Inflight, Instant)>,
     pub last_error: Option<String>,
+    /// The HTTP request, made once.
+    request: Vec<u8>,
+    /// Readiness: retried sooner while the connection is refused.
+    eager: bool,
 }
+
+/// How soon a refused readiness check is repeated.
+const EAGER: Duration = Duration::from_millis(2);
 
 /// One finished check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +122,16 @@ impl Prober {
             next_at: first,
             inflight: None,
             last_error: None,
+            request: Vec::new(),
+            eager: false,
+        }
+    }
+
+    /// A readiness probe: retried every few ms while the port is not yet listening.
+    pub fn readiness(spec: Probe, token: Token, now: Instant) -> Prober {
+        Prober {
+            eager: true,
+            ..Prober::new(spec, token, now)
         }
     }
 
@@ -150,7 +166,7 @@ impl Prober {
         if let Some(started) = self.inflight.as_ref().map(|(_, s)| *s) {
             let limit = Duration::from_millis(self.spec.timeout_ms);
             if now.duration_since(started) >= limit {
-                self.cancel(poll);
+                self.cancel();
                 let why = format!("timed out after {} ms", self.spec.timeout_ms);
                 return Some(self.finish(started, now, false, Some(why)));
             }
@@ -184,18 +200,19 @@ impl Prober {
                         Interest::READABLE | Interest::WRITABLE,
                     )
                     .map_err(|e| format!("poll: {e}"))?;
-                let host_header = if host.contains(':') {
-                    format!("[{host}]:{port}")
-                } else {
-                    format!("{host}:{port}")
-                };
-                let request = format!(
-                    "GET {path} HTTP/1.0\r\nHost: {host_header}\r\nUser-Agent: nexus-probe\r\nConnection: close\r\n\r\n"
-                )
-                .into_bytes();
+                if self.request.is_empty() {
+                    let host_header = if host.contains(':') {
+                        format!("[{host}]:{port}")
+                    } else {
+                        format!("{host}:{port}")
+                    };
+                    self.request = format!(
+                        "GET {path} HTTP/1.0\r\nHost: {host_header}\r\nUser-Agent: nexus-probe\r\nConnection: close\r\n\r\n"
+                    )
+                    .into_bytes();
+                }
                 Ok(Inflight::Http {
                     stream,
-                    request,
                     sent: 0,
                     reply: Vec::new(),
                 })
@@ -240,7 +257,7 @@ impl Prober {
     }
 
     /// The probe's socket is ready.
-    pub fn on_event(&mut self, poll: &Poll, now: Instant) -> Option<Verdict> {
+    pub fn on_event(&mut self, now: Instant) -> Option<Verdict> {
         let (flight, _) = self.inflight.as_mut()?;
         let outcome = match flight {
             Inflight::Tcp { stream } => match stream.take_error() {
@@ -250,15 +267,14 @@ impl Prober {
             },
             Inflight::Http {
                 stream,
-                request,
                 sent,
                 reply,
-            } => http_progress(stream, request, sent, reply),
+            } => http_progress(stream, &self.request, sent, reply),
             Inflight::Exec { .. } => None,
         };
         let (ok, error) = outcome?;
         let started = self.inflight.as_ref().map_or(now, |(_, s)| *s);
-        self.cancel(poll);
+        self.cancel();
         Some(self.finish(started, now, ok, error))
     }
 
@@ -276,12 +292,11 @@ impl Prober {
         self.finish(started, now, true, None)
     }
 
-    fn cancel(&mut self, poll: &Poll) {
+    fn cancel(&mut self) {
         if let Some((flight, _)) = self.inflight.take() {
             match flight {
-                Inflight::Http { mut stream, .. } | Inflight::Tcp { mut stream } => {
-                    let _ = poll.registry().deregister(&mut stream);
-                }
+                // Closing the socket takes it out of the poll: no deregister call.
+                Inflight::Http { .. } | Inflight::Tcp { .. } => {}
                 Inflight::Exec { pid, .. } => {
                     // Its group: the leader is unreaped, so the pgid cannot be anyone else's.
                     // SAFETY: a signal to our own child's process group.
@@ -302,8 +317,19 @@ impl Prober {
     ) -> Verdict {
         self.inflight = None;
         let took = now.saturating_duration_since(started);
-        // The next check a period after this one began (never two at once).
-        self.next_at = (started + Duration::from_millis(self.spec.period_ms)).max(now);
+        // The next check a period after this one began (never two at once). A readiness
+        // check that found nothing listening yet is repeated sooner: a refused connect is
+        // cheap, harmless to the program, and the moment it listens is what a dependent
+        // waits for.
+        let refused = error
+            .as_deref()
+            .is_some_and(|e| e.contains("Connection refused"));
+        let period = if self.eager && refused {
+            Duration::from_millis(self.spec.period_ms).min(EAGER)
+        } else {
+            Duration::from_millis(self.spec.period_ms)
+        };
+        self.next_at = (started + period).max(now);
         let error = error.map(|e| format!("{}: {e}", self.spec.describe()));
         self.last_error = error.clone();
         Verdict { ok, error, took }
@@ -317,15 +343,13 @@ fn http_progress(
     sent: &mut usize,
     reply: &mut Vec<u8>,
 ) -> Option<(bool, Option<String>)> {
-    if let Ok(Some(e)) | Err(e) = stream.take_error() {
-        return Some((false, Some(format!("connect: {e}"))));
-    }
+    // A failed connect shows as the write's error (ECONNREFUSED): no getsockopt needed.
     while *sent < request.len() {
         match stream.write(&request[*sent..]) {
             Ok(n) => *sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
             Err(e) if e.kind() == io::ErrorKind::NotConnected => return None,
-            Err(e) => return Some((false, Some(format!("send: {e}")))),
+            Err(e) => return Some((false, Some(format!("connect: {e}")))),
         }
     }
     let mut buf = [0u8; 512];
@@ -403,7 +427,7 @@ mod tests {
             }
             let _ = poll.poll(&mut events, Some(Duration::from_millis(5)));
             if !events.is_empty()
-                && let Some(v) = p.on_event(poll, Instant::now())
+                && let Some(v) = p.on_event(Instant::now())
             {
                 return v;
             }
@@ -462,6 +486,31 @@ mod tests {
         );
         assert!(run_until(&mut p, &mut poll, Duration::from_secs(5)).ok);
         server.join().unwrap();
+    }
+
+    #[test]
+    fn a_refused_readiness_check_is_repeated_soon_a_liveness_one_after_its_period() {
+        let mut poll = Poll::new().unwrap();
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let spec = Probe {
+            period_ms: 1000,
+            ..probe(
+                ProbeKind::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: closed,
+                },
+                1000,
+            )
+        };
+        let mut ready = Prober::readiness(spec.clone(), Token(1), Instant::now());
+        assert!(!run_until(&mut ready, &mut poll, Duration::from_secs(5)).ok);
+        assert!(ready.deadline().unwrap() <= Instant::now() + EAGER);
+        let mut live = Prober::new(spec, Token(1), Instant::now());
+        assert!(!run_until(&mut live, &mut poll, Duration::from_secs(5)).ok);
+        assert!(live.deadline().unwrap() > Instant::now() + Duration::from_millis(500));
     }
 
     #[test]

@@ -28,7 +28,9 @@ pub const TREE_VAR: &str = "NEXUS_TREE";
 #[derive(Debug)]
 pub struct Cgroup {
     pub path: PathBuf,
-    /// `cgroup.procs`, open for the child to write "0" into before its exec.
+    /// The directory, for a child to be created in (clone3's CLONE_INTO_CGROUP)...
+    dir: fs::File,
+    /// ...or `cgroup.procs`, for a child to write "0" into before its exec (older kernels).
     procs: fs::File,
 }
 
@@ -43,11 +45,7 @@ impl Cgroup {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(_) => return None,
         }
-        let procs = fs::OpenOptions::new()
-            .write(true)
-            .open(path.join("cgroup.procs"))
-            .ok()?;
-        Some(Cgroup { path, procs })
+        Cgroup::existing(&path)
     }
 
     /// An existing cgroup (a predecessor's, being adopted).
@@ -56,14 +54,19 @@ impl Cgroup {
             .write(true)
             .open(path.join("cgroup.procs"))
             .ok()?;
+        let dir = fs::File::open(path).ok()?;
         Some(Cgroup {
             path: path.to_path_buf(),
+            dir,
             procs,
         })
     }
 
-    pub fn procs_fd(&self) -> i32 {
-        self.procs.as_raw_fd()
+    pub fn fds(&self) -> crate::child::CgroupFds {
+        crate::child::CgroupFds {
+            dir: self.dir.as_raw_fd(),
+            procs: self.procs.as_raw_fd(),
+        }
     }
 
     pub fn pids(&self) -> Vec<i32> {
