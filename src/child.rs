@@ -120,7 +120,8 @@ pub fn resolve(argv0: &str, env: &[String], cwd: Option<&Path>) -> Option<PathBu
 /// (for the child to move itself where clone3 cannot).
 #[derive(Debug, Clone, Copy)]
 pub struct CgroupFds {
-    pub dir: RawFd,
+    /// None where the child must not be created in it (see `tree::Cgroup::clean`).
+    pub dir: Option<RawFd>,
     pub procs: RawFd,
 }
 
@@ -146,15 +147,17 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Forks into `cgroup` at once when the kernel can (see the module doc). Returns the pid
 /// (0 in the child), the pidfd if the kernel gave one, and whether the child is already
-/// in its cgroup.
-fn fork_into(cgroup: Option<CgroupFds>) -> (i32, Option<OwnedFd>, bool) {
-    if let Some(cg) = cgroup {
+/// in its cgroup. `quiet`: no SIGCHLD when it ends (its pidfd says so; a signal handler
+/// would run first on the restart's hot path) — reap it with `__WALL`.
+fn fork_into(cgroup: Option<CgroupFds>, quiet: bool) -> (i32, Option<OwnedFd>, bool) {
+    let into = cgroup.and_then(|c| c.dir);
+    if into.is_some() || quiet {
         let mut pidfd: i32 = -1;
         let args = CloneArgs {
-            flags: CLONE_INTO_CGROUP | CLONE_PIDFD,
+            flags: CLONE_PIDFD | into.map_or(0, |_| CLONE_INTO_CGROUP),
             pidfd: &mut pidfd as *mut i32 as u64,
-            exit_signal: libc::SIGCHLD as u64,
-            cgroup: cg.dir as u64,
+            exit_signal: if quiet { 0 } else { libc::SIGCHLD as u64 },
+            cgroup: into.map_or(0, |fd| fd as u64),
             ..CloneArgs::default()
         };
         // SAFETY: clone3 without CLONE_VM is fork with more arguments: the child gets a
@@ -169,12 +172,84 @@ fn fork_into(cgroup: Option<CgroupFds>) -> (i32, Option<OwnedFd>, bool) {
         if pid >= 0 {
             // SAFETY: the kernel stored a new fd for the child (not in the child itself).
             let fd = (pid > 0 && pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
-            return (pid, fd, true);
+            return (pid, fd, into.is_some());
         }
         // ENOSYS, EINVAL, E2BIG: an older kernel. Fall through to fork.
     }
     // SAFETY: as above; the child runs only raw system calls.
     (unsafe { libc::fork() }, None, false)
+}
+
+/// A program ready to be forked: its path resolved, every string converted, the signals
+/// to reset found. Made once per definition, so a restart's hot path does no allocation
+/// for them (only the per-run environment variable is added).
+#[derive(Debug)]
+pub struct Prepared {
+    path: CString,
+    argv: Vec<CString>,
+    env: Vec<CString>,
+    cwd: Option<CString>,
+    cwd_display: Option<PathBuf>,
+    identity: Option<(u32, u32)>,
+    groups: Vec<libc::gid_t>,
+    rlimits: Vec<(i32, u64)>,
+    /// Signals we ignore (SIGPIPE, by Rust's runtime): an ignored signal survives exec,
+    /// so the child resets these; handled ones are reset by exec itself.
+    ignored: Vec<i32>,
+}
+
+impl Prepared {
+    pub fn new(prog: &Program) -> Result<Prepared, StartError> {
+        let fail = |errno: i32, what: String| StartError { errno, what };
+        let argv0 = prog
+            .argv
+            .first()
+            .ok_or_else(|| fail(libc::EINVAL, "empty argv".into()))?;
+        let path = resolve(argv0, &prog.env, prog.cwd.as_deref())
+            .ok_or_else(|| fail(libc::ENOENT, format!("cannot find {argv0:?} in PATH")))?;
+        let to_c = |s: &str| c(s).map_err(|_| fail(libc::EINVAL, format!("NUL byte in {s:?}")));
+        let cwd = match &prog.cwd {
+            Some(d) => Some(
+                CString::new(d.as_os_str().as_bytes())
+                    .map_err(|_| fail(libc::EINVAL, "NUL byte in cwd".into()))?,
+            ),
+            None => None,
+        };
+        let ignored = (1..32)
+            .filter(|&sig| {
+                // SAFETY: querying a disposition into a zeroed sigaction we own.
+                unsafe {
+                    let mut old: libc::sigaction = std::mem::zeroed();
+                    libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                        && old.sa_sigaction == libc::SIG_IGN
+                }
+            })
+            .collect();
+        Ok(Prepared {
+            path: CString::new(path.as_os_str().as_bytes())
+                .map_err(|_| fail(libc::EINVAL, "NUL byte in the path".into()))?,
+            argv: prog
+                .argv
+                .iter()
+                .map(|a| to_c(a))
+                .collect::<Result<_, _>>()?,
+            env: prog.env.iter().map(|a| to_c(a)).collect::<Result<_, _>>()?,
+            cwd,
+            cwd_display: prog.cwd.clone(),
+            identity: prog.identity.as_ref().map(|(u, g, _)| (*u, *g)),
+            groups: prog
+                .identity
+                .as_ref()
+                .map(|(_, _, g)| g.clone())
+                .unwrap_or_default(),
+            rlimits: prog.rlimits.clone(),
+            ignored,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        Path::new(std::ffi::OsStr::from_bytes(self.path.as_bytes()))
+    }
 }
 
 /// Starts `prog` in a new process group (pgid = its pid), optionally in a cgroup.
@@ -184,38 +259,28 @@ pub fn start(
     stdio: &Stdio,
     cgroup: Option<CgroupFds>,
 ) -> Result<(i32, OwnedFd), StartError> {
+    start_prepared(&Prepared::new(prog)?, None, stdio, cgroup, false)
+}
+
+/// Starts a prepared program, with one more environment variable if given. `quiet`: it
+/// ends without a SIGCHLD (a service's program: its pidfd says when; reap with __WALL).
+pub fn start_prepared(
+    prep: &Prepared,
+    extra_env: Option<&CString>,
+    stdio: &Stdio,
+    cgroup: Option<CgroupFds>,
+    quiet: bool,
+) -> Result<(i32, OwnedFd), StartError> {
     let fail = |errno: i32, what: String| StartError { errno, what };
-    let argv0 = prog
-        .argv
-        .first()
-        .ok_or_else(|| fail(libc::EINVAL, "empty argv".into()))?;
-    let path = resolve(argv0, &prog.env, prog.cwd.as_deref())
-        .ok_or_else(|| fail(libc::ENOENT, format!("cannot find {argv0:?} in PATH")))?;
-    let to_c = |s: &str| c(s).map_err(|_| fail(libc::EINVAL, format!("NUL byte in {s:?}")));
-    let path_c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| fail(libc::EINVAL, "NUL byte in the path".into()))?;
-    let argv_c: Vec<CString> = prog
-        .argv
-        .iter()
-        .map(|a| to_c(a))
-        .collect::<Result<_, _>>()?;
-    let env_c: Vec<CString> = prog.env.iter().map(|a| to_c(a)).collect::<Result<_, _>>()?;
-    let mut argv_p: Vec<*const libc::c_char> = argv_c.iter().map(|a| a.as_ptr()).collect();
+    let mut argv_p: Vec<*const libc::c_char> = prep.argv.iter().map(|a| a.as_ptr()).collect();
     argv_p.push(std::ptr::null());
-    let mut env_p: Vec<*const libc::c_char> = env_c.iter().map(|a| a.as_ptr()).collect();
+    let mut env_p: Vec<*const libc::c_char> = prep
+        .env
+        .iter()
+        .chain(extra_env)
+        .map(|a| a.as_ptr())
+        .collect();
     env_p.push(std::ptr::null());
-    let cwd_c = match &prog.cwd {
-        Some(d) => Some(
-            CString::new(d.as_os_str().as_bytes())
-                .map_err(|_| fail(libc::EINVAL, "NUL byte in cwd".into()))?,
-        ),
-        None => None,
-    };
-    let groups: Vec<libc::gid_t> = prog
-        .identity
-        .as_ref()
-        .map(|(_, _, g)| g.clone())
-        .unwrap_or_default();
 
     let mut report = [0 as RawFd; 2];
     // SAFETY: pipe2 fills two fds.
@@ -235,7 +300,7 @@ pub fn start(
 
     // The workflow is single-threaded, and the child below makes only raw,
     // async-signal-safe system calls on memory prepared before the fork.
-    let (pid, clone_pidfd, in_cgroup) = fork_into(cgroup);
+    let (pid, clone_pidfd, in_cgroup) = fork_into(cgroup, quiet);
     if pid < 0 {
         let e = io::Error::last_os_error()
             .raw_os_error()
@@ -246,13 +311,14 @@ pub fn start(
         // SAFETY: in the child, see above.
         unsafe {
             child(ChildArgs {
-                path: path_c.as_ptr(),
+                path: prep.path.as_ptr(),
                 argv: argv_p.as_ptr(),
                 env: env_p.as_ptr(),
-                cwd: cwd_c.as_ref().map(|c| c.as_ptr()),
-                identity: prog.identity.as_ref().map(|(u, g, _)| (*u, *g)),
-                groups: &groups,
-                rlimits: &prog.rlimits,
+                cwd: prep.cwd.as_ref().map(|c| c.as_ptr()),
+                identity: prep.identity,
+                groups: &prep.groups,
+                rlimits: &prep.rlimits,
+                ignored: &prep.ignored,
                 cgroup_procs: cgroup.filter(|_| !in_cgroup).map(|c| c.procs),
                 stdio: [stdio.stdin, stdio.stdout, stdio.stderr],
                 report: report_w.as_raw_fd(),
@@ -270,15 +336,15 @@ pub fn start(
     if n == 5 {
         let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
         // The child has _exit'ed: reap it now.
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        // SAFETY: waiting for our own child (__WALL: also one without an exit signal).
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::__WALL) };
         let what = match msg[0] {
-            STAGE_CHDIR => format!("cannot enter the working directory {:?}", prog.cwd),
+            STAGE_CHDIR => format!("cannot enter the working directory {:?}", prep.cwd_display),
             STAGE_IDENTITY => "cannot switch to the configured user".into(),
             STAGE_RLIMIT => "cannot set a limit".into(),
             STAGE_CGROUP => "cannot join the service's cgroup".into(),
             STAGE_STDIO => "cannot set up the standard streams".into(),
-            _ => exec_failure(&path, errno),
+            _ => exec_failure(prep.path(), errno),
         };
         return Err(fail(errno, what));
     }
@@ -288,7 +354,7 @@ pub fn start(
             // SAFETY: killing and reaping our own child that we cannot watch.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
+                libc::waitpid(pid, std::ptr::null_mut(), libc::__WALL);
             }
             Err(fail(
                 e.raw_os_error().unwrap_or(libc::EIO),
@@ -332,6 +398,7 @@ struct ChildArgs<'a> {
     identity: Option<(u32, u32)>,
     groups: &'a [libc::gid_t],
     rlimits: &'a [(i32, u64)],
+    ignored: &'a [i32],
     cgroup_procs: Option<RawFd>,
     stdio: [RawFd; 3],
     report: RawFd,
@@ -351,15 +418,13 @@ unsafe fn child(a: ChildArgs<'_>) -> ! {
     }
     // SAFETY: every call below is async-signal-safe and uses memory prepared before fork.
     unsafe {
-        // Signals: nothing blocked, everything at its default (Rust ignores SIGPIPE, and
-        // an ignored signal would survive the exec).
+        // Signals: nothing blocked, and what we ignore back to its default (an ignored
+        // signal would survive the exec; a handled one is reset by it).
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        for sig in 1..32 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
+        for &sig in a.ignored {
+            libc::signal(sig, libc::SIG_DFL);
         }
         libc::setpgid(0, 0);
         if let Some(fd) = a.cgroup_procs
@@ -437,8 +502,9 @@ pub fn signal_name(s: i32) -> String {
 /// how it ended; None if nothing (more) has ended.
 pub fn reap(pid: i32) -> Option<(i32, Ended)> {
     let mut status = 0;
-    // SAFETY: waitpid writes the status we own.
-    let got = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    // SAFETY: waitpid writes the status we own. __WALL: a service's program has no exit
+    // signal (see `start_prepared`).
+    let got = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
     (got > 0).then(|| (got, Ended::from_status(status)))
 }
 
@@ -467,7 +533,7 @@ mod tests {
 
     fn wait(pid: i32) -> Ended {
         let mut status = 0;
-        unsafe { libc::waitpid(pid, &mut status, 0) };
+        unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
         Ended::from_status(status)
     }
 
@@ -544,11 +610,18 @@ mod tests {
             stdout: null.as_raw_fd(),
             stderr: null.as_raw_fd(),
         };
-        let (pid, _fd) = start(&prog(&["sleep", "5"]), &stdio, Some(cg.fds())).unwrap();
+        let prep = Prepared::new(&prog(&["sleep", "5"])).unwrap();
+        let (pid, _fd) = start_prepared(&prep, None, &stdio, Some(cg.fds()), true).unwrap();
         assert!(cg.pids().contains(&pid), "{pid} in {:?}", cg.pids());
+        assert!(cg.clean());
         assert!(cg.kill());
+        assert!(!cg.clean(), "a killed cgroup is not created into again");
         assert_eq!(wait(pid), Ended::Signal(libc::SIGKILL));
-        cg.remove();
+        // The kernel would SIGKILL a child created in it now: it moves itself in instead.
+        let short = Prepared::new(&prog(&["sh", "-c", "exit 7"])).unwrap();
+        let (pid, _fd) = start_prepared(&short, None, &stdio, Some(cg.fds()), true).unwrap();
+        assert_eq!(wait(pid), Ended::Code(7), "a start after a kill lives");
+        assert!(cg.remove());
     }
 
     #[test]

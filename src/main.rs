@@ -350,6 +350,7 @@ fn run_daemon(slot: SlotName, dir: RuntimeDir) -> i32 {
             return 1;
         }
     };
+    daemon::trim_heap();
     if config.slot_index(slot).is_none() {
         log::error!("{slot} is not a slot of this cluster's config");
         return 1;

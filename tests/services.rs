@@ -279,7 +279,9 @@ fn hangs_are_killed_with_their_tree_and_restarted() {
         ev.iter().any(|e| e["event"] == "killed"
             && e["detail"].as_str().is_some_and(|d| d.contains("SIGSTOP")))
     );
-    // sd_notify WATCHDOG=1 stops coming: watchdog_ms of silence is a hang.
+    // sd_notify WATCHDOG=1 stops coming: watchdog_ms of silence is a hang. (It may be
+    // between a kill and its replacement by now: wait for a running one.)
+    wait_until("dog runs", T, || c.program_pid("dog-1").is_some());
     let dog = c.program_pid("dog-1").unwrap();
     c.wait_program_replaced("dog-1", dog, T);
     let ev = c.service_events("dog", 1);

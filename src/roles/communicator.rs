@@ -275,6 +275,8 @@ impl Communicator {
         if let Some(m) = self.master.as_mut() {
             m.apply_config(&self.ctx, &self.poll, &old, &changes);
         }
+        drop(old);
+        crate::daemon::trim_heap();
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::config::Config;
 use crate::daemon::{DaemonCtx, Heartbeater, MasterProbe, Signals, act_on_probe, poll_until};
-use crate::services::host::{Host, HostState};
+use crate::services::host::{self, Host, HostState};
 use crate::services::spec::{InstanceName, ServiceSpec};
 
 const SIGNALS: Token = Token(0);
@@ -83,7 +83,17 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
             }
         }
         poll_until(&mut wf.poll, &mut events, wake)?;
+        // The program's exit first: its restart is the hot path, and its pipes' hang-ups
+        // and the rest of the round can wait until the replacement is on its way.
+        if let Some(h) = wf.host.as_mut()
+            && events.iter().any(|e| e.token() == host::T_MAIN)
+        {
+            h.on_event(&wf.poll, host::T_MAIN, false);
+        }
         for event in events.iter() {
+            if event.token() == host::T_MAIN {
+                continue;
+            }
             if event.token() == SIGNALS {
                 if signals.drain() && !wf.terminating {
                     wf.on_terminate();

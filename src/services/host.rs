@@ -94,6 +94,11 @@ pub struct Host {
     waiting_for: Option<HostRec>,
     /// The definitions of the services it depends on (for their instances and hashes).
     deps: Vec<ServiceSpec>,
+    /// The program, prepared for a fast restart; made again after a change of definition
+    /// or a failed start.
+    prepared: Option<child::Prepared>,
+    /// The program's stdin, kept open for the next start.
+    devnull: std::fs::File,
     /// The definition changed: restart once the dependencies are back.
     reload_pending: bool,
     stats: Stats,
@@ -177,6 +182,9 @@ impl Host {
             cgroup: None,
             waiting_for: None,
             deps: deps_of(spec, &ctx.config),
+            prepared: None,
+            devnull: std::fs::File::open("/dev/null")
+                .map_err(|e| format!("cannot open /dev/null: {e}"))?,
             reload_pending: false,
             stats: Stats::default(),
             stats_dirty: false,
@@ -412,7 +420,7 @@ impl Host {
             self.act(poll, d);
         }
         if self.record.machine.may_start() && !want.stopped && self.deps_met(false) {
-            self.spawn(poll);
+            self.spawn(poll, false);
         }
         if self.record.machine != before {
             self.save();
@@ -455,7 +463,7 @@ impl Host {
     fn act(&mut self, poll: &Poll, d: Do) {
         match d {
             Do::Nothing => {}
-            Do::Spawn => self.spawn(poll),
+            Do::Spawn => self.spawn(poll, false),
             Do::Stop => {
                 if let Some(l) = &self.live {
                     l.tree.signal_all(self.spec.stop_signal.0);
@@ -470,12 +478,12 @@ impl Host {
         }
     }
 
-    fn program(&self, token: &str) -> Result<Program, String> {
+    /// The program as it is started, but for its run's token (`tree::TREE_VAR`).
+    fn program(&self) -> Result<Program, String> {
         let mut env = self.base_env.clone();
         env.extend(self.spec.env.iter().map(|(k, v)| format!("{k}={v}")));
         env.push(format!("NEXUS_SERVICE={}", self.name.service));
         env.push(format!("NEXUS_INSTANCE={}", self.name.n));
-        env.push(format!("{}={token}", tree::TREE_VAR));
         if let Some(n) = &self.notify {
             env.push(format!("NOTIFY_SOCKET={}", n.address));
         }
@@ -526,10 +534,26 @@ impl Host {
 
     /// Starts the program. On the crash path this is the hot path: nothing but the
     /// cgroup's leftovers is dealt with before the fork.
-    fn spawn(&mut self, poll: &Poll) {
+    /// `after_exit`: right after the program ended, on the crash path. Its group was killed
+    /// and its tree is swept by its token after the spawn, so the cgroup is not read first.
+    fn spawn(&mut self, poll: &Poll, after_exit: bool) {
         let cause = self.record.machine.pending_cause.take();
         // Removed under our feet (by hand, or a cleanup): made again.
-        if self.cgroup.as_ref().is_some_and(|c| !c.path.exists()) {
+        if !after_exit && self.cgroup.as_ref().is_some_and(|c| !c.path.exists()) {
+            self.cgroup = None;
+        }
+        if !after_exit
+            && let Some(cg) = &self.cgroup
+            && !cg.pids().is_empty()
+        {
+            cg.kill();
+        }
+        // One that was killed is made again if it is empty (see `tree::Cgroup::clean`).
+        if self
+            .cgroup
+            .as_ref()
+            .is_some_and(|c| !c.clean() && c.remove())
+        {
             self.cgroup = None;
         }
         if self.cgroup.is_none() {
@@ -544,38 +568,46 @@ impl Host {
                 tree::rlimits_for(&self.spec.limits, &applied, self.spec.user.is_some());
             self.record.limits = applied.into_iter().chain(said).collect();
         }
-        if let Some(cg) = &self.cgroup
-            && !cg.pids().is_empty()
-        {
-            cg.kill();
-        }
         let token = tree::new_token(&mut self.rng);
-        let started = self.program(&token).and_then(|prog| {
-            let (out_r, out_w) = output::new_pipe().map_err(|e| format!("pipe: {e}"))?;
-            let (err_r, err_w) = output::new_pipe().map_err(|e| format!("pipe: {e}"))?;
-            let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-            let stdio = Stdio {
-                stdin: null.as_raw_fd(),
-                stdout: out_w.as_raw_fd(),
-                stderr: err_w.as_raw_fd(),
+        if self.prepared.is_none() {
+            self.prepared = match self
+                .program()
+                .and_then(|p| child::Prepared::new(&p).map_err(|e| e.to_string()))
+            {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    self.start_failed(e);
+                    return;
+                }
             };
-            let cg = self.cgroup.as_ref().map(|c| c.fds());
-            let (pid, pidfd) = child::start(&prog, &stdio, cg).map_err(|e| e.to_string())?;
-            Ok((pid, pidfd, out_r, err_r))
-        });
+        }
+        let token_var = std::ffi::CString::new(format!("{}={token}", tree::TREE_VAR)).ok();
+        let prepared = self.prepared.as_ref();
+        let started = prepared
+            .ok_or_else(|| "not prepared".to_string())
+            .and_then(|prep| {
+                let (out_r, out_w) = output::new_pipe().map_err(|e| format!("pipe: {e}"))?;
+                let (err_r, err_w) = output::new_pipe().map_err(|e| format!("pipe: {e}"))?;
+                let stdio = Stdio {
+                    stdin: self.devnull.as_raw_fd(),
+                    stdout: out_w.as_raw_fd(),
+                    stderr: err_w.as_raw_fd(),
+                };
+                let cg = self.cgroup.as_ref().map(|c| c.fds());
+                let (pid, pidfd) =
+                    child::start_prepared(prep, token_var.as_ref(), &stdio, cg, true)
+                        .map_err(|e| e.to_string())?;
+                output::enlarge(&out_w);
+                output::enlarge(&err_w);
+                Ok((pid, pidfd, out_r, err_r))
+            });
         let now = mono_ms();
         let (pid, pidfd, out_r, err_r) = match started {
             Ok(s) => s,
             Err(e) => {
-                log::warn!("{}: {e}", self.name);
-                let jitter = self.rng.unit();
-                self.record
-                    .machine
-                    .on_start_failed(e.clone(), &self.rules, now, jitter);
-                let mut ev = self.event("failed", None);
-                ev.detail = Some(e);
-                self.ledger.append(&ev);
-                self.save();
+                // Resolved again next time: the program may be installed meanwhile.
+                self.prepared = None;
+                self.start_failed(e);
                 return;
             }
         };
@@ -636,6 +668,19 @@ impl Host {
         } else {
             self.became_ready();
         }
+        self.save();
+    }
+
+    fn start_failed(&mut self, e: String) {
+        log::warn!("{}: {e}", self.name);
+        let jitter = self.rng.unit();
+        let now = mono_ms();
+        self.record
+            .machine
+            .on_start_failed(e.clone(), &self.rules, now, jitter);
+        let mut ev = self.event("failed", None);
+        ev.detail = Some(e);
+        self.ledger.append(&ev);
         self.save();
     }
 
@@ -740,7 +785,10 @@ impl Host {
         let now_i = Instant::now();
         let now = mono_ms();
         let from_mono = |t: u64| now_i + Duration::from_millis(t.saturating_sub(now));
-        let mut d = vec![self.next_stop_check, self.next_stats_write];
+        let mut d = vec![self.next_stop_check];
+        if self.stats_dirty {
+            d.push(self.next_stats_write);
+        }
         d.extend(self.record.machine.phase.due().map(from_mono));
         d.extend(self.ready_probe.as_ref().and_then(Prober::deadline));
         d.extend(self.liveness.as_ref().and_then(Prober::deadline));
@@ -1126,7 +1174,7 @@ impl Host {
         self.liveness = None;
         self.record.run = None;
         if d == Do::Spawn {
-            self.spawn(poll);
+            self.spawn(poll, true);
         }
         // Past the hot path: reap, sweep the old tree, drain its output, record.
         let _ = poll
@@ -1181,6 +1229,7 @@ impl Host {
     pub fn reconfigure(&mut self, poll: &Poll, cfg: &Config, spec: &ServiceSpec) {
         let changed = spec.definition_hash() != self.spec.definition_hash();
         self.deps = deps_of(spec, cfg);
+        self.prepared = None;
         self.rules = rules_of(spec, cfg);
         self.stop_timeout = cfg.timeout();
         self.interval = cfg.interval();
@@ -1332,7 +1381,7 @@ fn peek_child() -> Option<i32> {
             libc::P_ALL,
             0,
             &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL,
         );
         let pid = info.si_pid();
         (rc == 0 && pid > 0).then_some(pid)
@@ -1348,7 +1397,7 @@ fn peek_status(pid: i32) -> Option<Ended> {
             libc::P_PID,
             pid as libc::id_t,
             &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL,
         );
         if rc != 0 || info.si_pid() != pid {
             return None;

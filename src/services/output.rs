@@ -181,7 +181,8 @@ pub struct Stream {
     pub more: bool,
 }
 
-/// Read end (ours, non-blocking) and write end (the program's stdout or stderr).
+/// Read end (ours, non-blocking) and write end (the program's stdout or stderr). Two
+/// system calls: this is on a restart's hot path (see `enlarge`).
 pub fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: pipe2 fills two fds.
@@ -190,13 +191,16 @@ pub fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: just created, ours.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: fcntl on fds we own. A bigger pipe rides out a stopped workflow longer.
-    unsafe {
-        libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE);
-        let fl = libc::fcntl(r.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(r.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
-    }
+    // SAFETY: fcntl on an fd we own; a fresh pipe's read end has no other status flag.
+    unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
     Ok((r, w))
+}
+
+/// A bigger pipe rides out a stopped workflow longer (done after the program has started:
+/// the pipe is the same one).
+pub fn enlarge(fd: &OwnedFd) {
+    // SAFETY: fcntl on an fd we own.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
 }
 
 pub fn inode(fd: &OwnedFd) -> u64 {

@@ -30,8 +30,21 @@ pub struct Cgroup {
     pub path: PathBuf,
     /// The directory, for a child to be created in (clone3's CLONE_INTO_CGROUP)...
     dir: fs::File,
-    /// ...or `cgroup.procs`, for a child to write "0" into before its exec (older kernels).
+    /// ...or `cgroup.procs`, for a child to write "0" into before its exec (older kernels,
+    /// and a cgroup that may have been killed).
     procs: fs::File,
+    /// Made by this process, so never killed before it was opened.
+    made_here: bool,
+}
+
+thread_local! {
+    /// Cgroups this process wrote `cgroup.kill` into. Once a cgroup has been killed, the
+    /// kernel (6.18 here) SIGKILLs every child later created in it with CLONE_INTO_CGROUP,
+    /// forever: fork's kill check compares the cgroup's kill count with the parent's.
+    /// Such a cgroup is made again once empty, or entered by a write to `cgroup.procs`.
+    static KILLED: std::cell::RefCell<BTreeSet<PathBuf>> = const {
+        std::cell::RefCell::new(BTreeSet::new())
+    };
 }
 
 impl Cgroup {
@@ -40,12 +53,17 @@ impl Cgroup {
     pub fn open(name: &str) -> Option<Cgroup> {
         let base = own_cgroup_dir()?;
         let path = base.join(name);
-        match fs::create_dir(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        let made_here = match fs::create_dir(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
             Err(_) => return None,
+        };
+        if made_here {
+            KILLED.with(|k| k.borrow_mut().remove(&path));
         }
-        Cgroup::existing(&path)
+        let mut cg = Cgroup::existing(&path)?;
+        cg.made_here = made_here;
+        Some(cg)
     }
 
     /// An existing cgroup (a predecessor's, being adopted).
@@ -59,12 +77,19 @@ impl Cgroup {
             path: path.to_path_buf(),
             dir,
             procs,
+            made_here: false,
         })
+    }
+
+    /// Whether a child may be created in it directly: not if it was (or, being someone
+    /// else's, may have been) killed.
+    pub fn clean(&self) -> bool {
+        self.made_here && !KILLED.with(|k| k.borrow().contains(&self.path))
     }
 
     pub fn fds(&self) -> crate::child::CgroupFds {
         crate::child::CgroupFds {
-            dir: self.dir.as_raw_fd(),
+            dir: self.clean().then(|| self.dir.as_raw_fd()),
             procs: self.procs.as_raw_fd(),
         }
     }
@@ -77,6 +102,7 @@ impl Cgroup {
 
     /// SIGKILL to everything in it, in one write (kernel 5.14+); false where unsupported.
     pub fn kill(&self) -> bool {
+        KILLED.with(|k| k.borrow_mut().insert(self.path.clone()));
         fs::OpenOptions::new()
             .write(true)
             .open(self.path.join("cgroup.kill"))
@@ -85,8 +111,8 @@ impl Cgroup {
     }
 
     /// Best effort once empty; a populated cgroup stays (adoption needs it).
-    pub fn remove(&self) {
-        let _ = fs::remove_dir(&self.path);
+    pub fn remove(&self) -> bool {
+        fs::remove_dir(&self.path).is_ok()
     }
 
     /// Applies the limits its controllers allow; returns what was applied how, for status.
