@@ -357,11 +357,22 @@ mod tests {
     #[test]
     fn a_process_is_found_by_its_group_or_its_token() {
         let token = "feedfacecafe0001".to_string();
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .env(TREE_VAR, &token)
-            .spawn()
-            .unwrap();
+        // Owns the sleeper so that a failed assertion still kills and reaps it.
+        struct Reaped(std::process::Child);
+        impl Drop for Reaped {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut child = Reaped(
+            std::process::Command::new("sleep")
+                .arg("30")
+                .env(TREE_VAR, &token)
+                .spawn()
+                .unwrap(),
+        );
+        let child = &mut child.0;
         let pid = child.id() as i32;
         let by_token = Identity {
             pgid: 0,
@@ -373,7 +384,14 @@ mod tests {
             token: "0000000000000000".into(),
             cgroup: None,
         };
-        let found = scan(&[&other, &by_token]);
+        // The parent is released during exec, before the kernel has laid out the new
+        // environment: until then /proc/pid/environ reads empty, so poll for it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut found = scan(&[&other, &by_token]);
+        while !found.contains(&(pid, 1)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            found = scan(&[&other, &by_token]);
+        }
         assert!(found.contains(&(pid, 1)), "{found:?}");
         let tree = Tree::new(by_token);
         assert_eq!(tree.members(), vec![pid]);
