@@ -102,7 +102,7 @@ pub struct Prober {
 }
 
 /// How soon a refused readiness check is repeated.
-const EAGER: Duration = Duration::from_millis(2);
+const EAGER: Duration = Duration::from_millis(1);
 
 /// One finished check.
 #[derive(Debug, Clone, PartialEq, Eq)]
