@@ -338,17 +338,34 @@ fn last_lines(path: &std::path::Path, n: usize) -> Vec<String> {
     lines[lines.len().saturating_sub(n)..].to_vec()
 }
 
-/// One line for `start`: every instance and how it is.
+/// Instances `start` names one by one; past this, it counts them by state.
+const SUMMARY_NAMED: usize = 10;
+
+/// One line for `start`: every instance and how it is (counted by state when many).
 pub fn summary(dir: &RuntimeDir, cfg: &Config) -> String {
     let recs = state::read_all(dir);
-    let parts: Vec<String> = cfg
-        .assignment()
-        .into_iter()
-        .flatten()
+    let instances: Vec<_> = cfg.assignment().into_iter().flatten().collect();
+    let phase_of = |n: &crate::services::spec::InstanceName| {
+        recs.get(&n.to_string())
+            .map_or("unknown", |r| r.machine.state_name())
+    };
+    if instances.len() > SUMMARY_NAMED {
+        let mut by_state: std::collections::BTreeMap<&str, usize> = Default::default();
+        for n in &instances {
+            *by_state.entry(phase_of(n)).or_default() += 1;
+        }
+        let counts: Vec<String> = by_state.iter().map(|(s, k)| format!("{k} {s}")).collect();
+        return format!(
+            "services: {} instances, {} (`nexus status` lists them)",
+            instances.len(),
+            counts.join(", ")
+        );
+    }
+    let parts: Vec<String> = instances
+        .iter()
         .map(|n| {
-            let r = recs.get(&n.to_string());
-            let phase = r.map_or("unknown", |r| r.machine.state_name());
-            match r.and_then(|r| r.run.as_ref()) {
+            let phase = phase_of(n);
+            match recs.get(&n.to_string()).and_then(|r| r.run.as_ref()) {
                 Some(run) => format!("{n} {phase} (pid {})", run.pid),
                 None => format!("{n} {phase}"),
             }
