@@ -11,15 +11,28 @@ use std::time::Duration;
 use common::*;
 
 fn run(bin: &Path, c: &Cluster, args: &[&str]) -> std::process::Output {
-    Command::new(bin)
-        .args(args)
-        .arg("--runtime-dir")
-        .arg(c.path())
-        .env("NEXUS_CONFIG", &c.config)
-        .env_remove("NEXUS_RUNTIME_DIR")
-        .env_remove("NEXUS_FAULT")
-        .output()
-        .expect("run the binary")
+    // A fresh copy can be "text file busy" for a moment: the other test's thread may fork
+    // while the copy's write descriptor is open, and its child holds it until its exec.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new(bin)
+            .args(args)
+            .arg("--runtime-dir")
+            .arg(c.path())
+            .env("NEXUS_CONFIG", &c.config)
+            .env_remove("NEXUS_RUNTIME_DIR")
+            .env_remove("NEXUS_FAULT")
+            .output();
+        match out {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.expect("run the binary"),
+        }
+    }
 }
 
 fn stop_finds_everything_and_failover_adopts(bin: &Path) {
