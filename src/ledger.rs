@@ -271,7 +271,9 @@ impl History {
         {
             let slot = ev.slot();
             match (ev.event.as_str(), slot, ev.pid) {
-                ("started", ..) => {
+                // The cluster's start (a master's line), not a service instance's `started`:
+                // that one must not wipe the daemons' history before a takeover reads it.
+                ("started", Some(_), _) => {
                     h = History::default();
                     failures.clear();
                     closed.clear();
@@ -456,6 +458,14 @@ mod tests {
         put("killed", w(2), 20, None, Some("hang"));
         put("exited", w(2), 20, None, Some("hang"));
         put("spawned", w(2), 21, None, None);
+        let mut started = Event::new("started");
+        (
+            started.pid,
+            started.service,
+            started.instance,
+            started.workflow,
+        ) = (Some(30), Some("web".into()), Some(1), Some(1));
+        l.append(&started);
         let h = History::read(&p);
         assert_eq!(
             h.last_pid[&SlotName {
