@@ -345,14 +345,12 @@ const SUMMARY_NAMED: usize = 10;
 pub fn summary(dir: &RuntimeDir, cfg: &Config) -> String {
     let recs = state::read_all(dir);
     let instances: Vec<_> = cfg.assignment().into_iter().flatten().collect();
-    let phase_of = |n: &crate::services::spec::InstanceName| {
-        recs.get(&n.to_string())
-            .map_or("unknown", |r| r.machine.state_name())
-    };
+    let record_of = |n: &crate::services::spec::InstanceName| recs.get(&n.to_string());
+    let phase_of = |r: Option<&state::Record>| r.map_or("unknown", |r| r.machine.state_name());
     if instances.len() > SUMMARY_NAMED {
         let mut by_state: std::collections::BTreeMap<&str, usize> = Default::default();
         for n in &instances {
-            *by_state.entry(phase_of(n)).or_default() += 1;
+            *by_state.entry(phase_of(record_of(n))).or_default() += 1;
         }
         let counts: Vec<String> = by_state.iter().map(|(s, k)| format!("{k} {s}")).collect();
         return format!(
@@ -364,8 +362,9 @@ pub fn summary(dir: &RuntimeDir, cfg: &Config) -> String {
     let parts: Vec<String> = instances
         .iter()
         .map(|n| {
-            let phase = phase_of(n);
-            match recs.get(&n.to_string()).and_then(|r| r.run.as_ref()) {
+            let r = record_of(n);
+            let phase = phase_of(r);
+            match r.and_then(|r| r.run.as_ref()) {
                 Some(run) => format!("{n} {phase} (pid {})", run.pid),
                 None => format!("{n} {phase}"),
             }

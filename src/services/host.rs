@@ -582,25 +582,24 @@ impl Host {
             };
         }
         let token_var = std::ffi::CString::new(format!("{}={token}", tree::TREE_VAR)).ok();
-        let prepared = self.prepared.as_ref();
-        let started = prepared
-            .ok_or_else(|| "not prepared".to_string())
-            .and_then(|prep| {
-                let (out_r, out_w) = output::new_pipe().map_err(|e| format!("pipe: {e}"))?;
-                let (err_r, err_w) = output::new_pipe().map_err(|e| format!("pipe: {e}"))?;
-                let stdio = Stdio {
-                    stdin: self.devnull.as_raw_fd(),
-                    stdout: out_w.as_raw_fd(),
-                    stderr: err_w.as_raw_fd(),
-                };
-                let cg = self.cgroup.as_ref().map(|c| c.fds());
-                let (pid, pidfd) =
-                    child::start_prepared(prep, token_var.as_ref(), &stdio, cg, true)
-                        .map_err(|e| e.to_string())?;
-                output::enlarge(&out_w);
-                output::enlarge(&err_w);
-                Ok((pid, pidfd, out_r, err_r))
-            });
+        let Some(prep) = self.prepared.as_ref() else {
+            return;
+        };
+        let started = (|| {
+            let (out_r, out_w) = output::new_pipe().map_err(|e| format!("pipe: {e}"))?;
+            let (err_r, err_w) = output::new_pipe().map_err(|e| format!("pipe: {e}"))?;
+            let stdio = Stdio {
+                stdin: self.devnull.as_raw_fd(),
+                stdout: out_w.as_raw_fd(),
+                stderr: err_w.as_raw_fd(),
+            };
+            let cg = self.cgroup.as_ref().map(|c| c.fds());
+            let (pid, pidfd) = child::start_prepared(prep, token_var.as_ref(), &stdio, cg, true)
+                .map_err(|e| e.to_string())?;
+            output::enlarge(&out_w);
+            output::enlarge(&err_w);
+            Ok::<_, String>((pid, pidfd, out_r, err_r))
+        })();
         let now = mono_ms();
         let (pid, pidfd, out_r, err_r) = match started {
             Ok(s) => s,
