@@ -204,11 +204,25 @@ impl Heartbeater {
     /// Beats if due; returns how many watchdogs took a full round's beat (None when no
     /// round was due; retries of a round return None too).
     pub fn tick(&mut self, now: Instant) -> Option<usize> {
-        if self.retry_at.is_some_and(|t| now >= t) && now < self.next {
+        self.tick_shared(now, false)
+    }
+
+    /// `tick`, on a wake that also serves another timer of the loop (a hosting workflow's
+    /// probe): a beat nearly due goes out now rather than waking the daemon again for it,
+    /// since a wake costs more CPU than the beat (see `chore`). Less than half an interval
+    /// early, so a wake each half interval does not double the beats; and then without
+    /// jitter, so the next beat falls on that timer's wake again.
+    pub fn tick_shared(&mut self, now: Instant, shared: bool) -> Option<usize> {
+        let slack = if shared {
+            self.interval.mul_f64(0.45)
+        } else {
+            Duration::ZERO
+        };
+        if self.retry_at.is_some_and(|t| now >= t) && now + slack < self.next {
             self.retry(now);
             return None;
         }
-        if now < self.next {
+        if now + slack < self.next {
             return None;
         }
         self.seq += 1;
@@ -255,7 +269,14 @@ impl Heartbeater {
         // Up to a tenth early, at random: a thousand daemons started in one burst drift
         // apart instead of flooding the watchdogs' queues (10 datagrams by default) in
         // the same few milliseconds of every interval.
-        let jitter = self.interval.mul_f64(self.rng.unit() * 0.1);
+        // A beat on a shared wake keeps that wake's phase. One that needed a wake of its
+        // own is jittered as usual, which also moves it, within a few beats, to where the
+        // next one can share.
+        let jitter = if shared {
+            Duration::ZERO
+        } else {
+            self.interval.mul_f64(self.rng.unit() * 0.1)
+        };
         self.next = now
             + if soon {
                 self.interval.min(Duration::from_millis(5))

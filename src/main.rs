@@ -2,6 +2,7 @@
 //! every daemon (`nexus daemon --role R --id N --runtime-dir DIR`).
 
 mod child;
+mod chore;
 mod client;
 mod commands;
 mod config;

@@ -100,9 +100,25 @@ pub fn cpu_ticks(pid: i32) -> Option<u64> {
 
 /// The fields after the `(comm)` of /proc/PID/stat: index 0 is field 3 (state).
 fn stat_fields(pid: i32) -> Option<Vec<String>> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let s = read_small(&format!("/proc/{pid}/stat"))?;
     let after = s.get(s.rfind(')')? + 2..)?;
     Some(after.split_whitespace().map(str::to_string).collect())
+}
+
+/// A /proc file of a few hundred bytes in one read: `read_to_string` sees a size of 0 and
+/// reads it in growing pieces, six system calls where one does. The workflows and the
+/// communicators read /proc/PID/stat every few seconds for each program.
+fn read_small(path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut f = fs::File::open(path).ok()?;
+    let mut buf = [0u8; 1024];
+    let n = f.read(&mut buf).ok()?;
+    if n < buf.len() {
+        return String::from_utf8(buf[..n].to_vec()).ok();
+    }
+    let mut s = String::from_utf8(buf.to_vec()).ok()?;
+    f.read_to_string(&mut s).ok()?;
+    Some(s)
 }
 
 /// The process group (field 5 of /proc/PID/stat).

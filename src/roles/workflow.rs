@@ -7,7 +7,7 @@
 //! it, and a SIGTERM only *releases* it (the successor adopts it) — unless the cluster is
 //! being stopped or the instance was removed from the config, when it is stopped first.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 
@@ -59,7 +59,14 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     );
     loop {
         let now = Instant::now();
-        if heart.tick(now).is_some() {
+        // Whether the hosted instance has a timer due on this wake too (1 ms: the poll's
+        // timeout is in whole milliseconds).
+        let shared = wf
+            .host
+            .as_ref()
+            .and_then(|h| h.deadline())
+            .is_some_and(|t| t <= now + Duration::from_millis(1));
+        if heart.tick_shared(now, shared).is_some() {
             log.maybe_rotate();
             // Only a free workflow takes over a masterless cluster: its re-exec would drop
             // a hosted program's pipes.

@@ -16,6 +16,7 @@ use mio::{Interest, Poll, Token};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::child::{self, Ended, Program, Stdio};
+use crate::chore::Chore;
 use crate::config::Config;
 use crate::daemon::{DaemonCtx, Rng};
 use crate::ledger::{Appender, Cause, Event};
@@ -83,7 +84,10 @@ pub struct Host {
     log_regex: Option<regex_lite::Regex>,
     last_watchdog: Option<Instant>,
     stopped_since: Option<Instant>,
-    next_stop_check: Instant,
+    /// Whether the program is stopped (SIGSTOP): read from /proc on the loop's wakes.
+    stop_check: Chore,
+    /// A stopped program is hung at this instant.
+    stopped_deadline: Option<Instant>,
     inotify: Inotify,
     desired: Desired,
     ledger: Appender,
@@ -103,7 +107,7 @@ pub struct Host {
     reload_pending: bool,
     stats: Stats,
     stats_dirty: bool,
-    next_stats_write: Instant,
+    stats_write: Chore,
     finished: bool,
 }
 
@@ -173,7 +177,11 @@ impl Host {
             log_regex: None,
             last_watchdog: None,
             stopped_since: None,
-            next_stop_check: Instant::now(),
+            stop_check: {
+                let (early, late) = stop_check_window(ctx.config.interval(), ctx.config.timeout());
+                Chore::new(early, late, Instant::now())
+            },
+            stopped_deadline: None,
             inotify,
             desired: Desired::default(),
             ledger: Appender::new(&ctx.dir.events()),
@@ -188,7 +196,10 @@ impl Host {
             reload_pending: false,
             stats: Stats::default(),
             stats_dirty: false,
-            next_stats_write: Instant::now(),
+            stats_write: {
+                let (early, late) = stats_window(ctx.config.interval());
+                Chore::new(early, late, Instant::now())
+            },
             finished: false,
         };
         host.stats = state::read_stats(&host.dir, &host.name);
@@ -784,9 +795,10 @@ impl Host {
         let now_i = Instant::now();
         let now = mono_ms();
         let from_mono = |t: u64| now_i + Duration::from_millis(t.saturating_sub(now));
-        let mut d = vec![self.next_stop_check];
+        let mut d = vec![self.stop_check.deadline()];
+        d.extend(self.stopped_deadline);
         if self.stats_dirty {
-            d.push(self.next_stats_write);
+            d.push(self.stats_write.deadline());
         }
         d.extend(self.record.machine.phase.due().map(from_mono));
         d.extend(self.ready_probe.as_ref().and_then(Prober::deadline));
@@ -855,7 +867,7 @@ impl Host {
         {
             self.hung(poll, format!("no WATCHDOG=1 for {w} ms (watchdog_ms)"));
         }
-        if now_i >= self.next_stop_check {
+        if self.stop_check.may_run(now_i) || self.stopped_deadline.is_some_and(|t| now_i >= t) {
             self.check_stopped(poll, now_i);
         }
         if self
@@ -865,26 +877,23 @@ impl Host {
         {
             self.pump_all(false);
         }
-        if self.stats_dirty && now_i >= self.next_stats_write {
+        if self.stats_dirty && self.stats_write.may_run(now_i) {
             self.stats.notify_rejected = self.notify.as_ref().map_or(0, |n| n.rejected);
             let _ = state::write_stats(&self.dir, &self.name, &self.stats);
             self.stats_dirty = false;
-            self.next_stats_write = now_i + self.interval.max(STATS_EVERY);
+            self.stats_write.ran(now_i);
         }
     }
 
     /// A program SIGSTOPped (or otherwise stopped) for the cluster's timeout is hung.
     fn check_stopped(&mut self, poll: &Poll, now: Instant) {
-        self.next_stop_check = now
-            + self
-                .interval
-                .min(self.stop_timeout / 4)
-                .max(Duration::from_millis(10));
-        let Some(pid) = self.live.as_ref().map(|l| l.pid) else {
+        self.stop_check.ran(now);
+        self.stopped_deadline = None;
+        let Some((pid, ours)) = self.live.as_ref().map(|l| (l.pid, l.ours)) else {
             self.stopped_since = None;
             return;
         };
-        if procscan::state(pid) == Some('T') {
+        if is_stopped(pid, ours) {
             let since = *self.stopped_since.get_or_insert(now);
             let stopped = now.duration_since(since);
             if stopped >= self.stop_timeout {
@@ -893,7 +902,7 @@ impl Host {
                     format!("stopped (SIGSTOP) for {} ms", stopped.as_millis()),
                 );
             } else {
-                self.next_stop_check = self.next_stop_check.min(since + self.stop_timeout);
+                self.stopped_deadline = Some(since + self.stop_timeout);
             }
         } else {
             self.stopped_since = None;
@@ -1232,6 +1241,10 @@ impl Host {
         self.rules = rules_of(spec, cfg);
         self.stop_timeout = cfg.timeout();
         self.interval = cfg.interval();
+        let (early, late) = stop_check_window(self.interval, self.stop_timeout);
+        self.stop_check.set(early, late);
+        let (early, late) = stats_window(self.interval);
+        self.stats_write.set(early, late);
         self.spec = spec.clone();
         if changed {
             log::info!(
@@ -1308,6 +1321,19 @@ impl Live {
     fn pgid(&self) -> i32 {
         self.tree.id.pgid
     }
+}
+
+/// The stopped-program check: at least every heartbeat interval (a third of the timeout
+/// at most), on whichever wake comes after half of it — the probe's or the heartbeat's.
+fn stop_check_window(interval: Duration, timeout: Duration) -> (Duration, Duration) {
+    let every = interval.min(timeout / 3).max(Duration::from_millis(10));
+    (every / 2, every)
+}
+
+/// The stats file: every few seconds, on a wake the loop has anyway.
+fn stats_window(interval: Duration) -> (Duration, Duration) {
+    let every = interval.max(STATS_EVERY);
+    (every, every + every / 2)
 }
 
 fn deps_of(spec: &ServiceSpec, cfg: &Config) -> Vec<ServiceSpec> {
@@ -1388,6 +1414,28 @@ fn peek_child() -> Option<i32> {
 }
 
 /// How child `pid` ended, without reaping it.
+/// Whether the program is stopped by a signal. Our own child's stop is asked of the
+/// kernel (one waitid, which leaves the stop reportable); an adopted program's state is
+/// read from /proc, ten times the cost on this kind of machine.
+fn is_stopped(pid: i32, ours: bool) -> bool {
+    if ours {
+        // SAFETY: waitid writes a siginfo we own.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let rc = libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WSTOPPED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL,
+            );
+            if rc == 0 {
+                return info.si_pid() == pid;
+            }
+        }
+    }
+    procscan::state(pid) == Some('T')
+}
+
 fn peek_status(pid: i32) -> Option<Ended> {
     // SAFETY: waitid writes a siginfo we own.
     unsafe {

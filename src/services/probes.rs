@@ -317,19 +317,23 @@ impl Prober {
     ) -> Verdict {
         self.inflight = None;
         let took = now.saturating_duration_since(started);
-        // The next check a period after this one began (never two at once). A readiness
+        // The next check a period after this one was due (never two at once). A readiness
         // check that found nothing listening yet is repeated sooner: a refused connect is
         // cheap, harmless to the program, and the moment it listens is what a dependent
         // waits for.
         let refused = error
             .as_deref()
             .is_some_and(|e| e.contains("Connection refused"));
-        let period = if self.eager && refused {
-            Duration::from_millis(self.spec.period_ms).min(EAGER)
+        let period = Duration::from_millis(self.spec.period_ms);
+        self.next_at = if self.eager && refused {
+            (started + period.min(EAGER)).max(now)
         } else {
-            Duration::from_millis(self.spec.period_ms)
+            // On a fixed grid from the first check, not a period after this one began: a
+            // check begins on a wake that comes a little after its time, and a schedule
+            // that drifted by that much each period would drift out of step with the
+            // loop's other timers (see `chore`).
+            (self.next_at + period).max(now)
         };
-        self.next_at = (started + period).max(now);
         let error = error.map(|e| format!("{}: {e}", self.spec.describe()));
         self.last_error = error.clone();
         Verdict { ok, error, took }
@@ -511,6 +515,34 @@ mod tests {
         let mut live = Prober::new(spec, Token(1), Instant::now());
         assert!(!run_until(&mut live, &mut poll, Duration::from_secs(5)).ok);
         assert!(live.deadline().unwrap() > Instant::now() + Duration::from_millis(500));
+    }
+
+    #[test]
+    fn checks_keep_to_a_grid_however_late_each_begins() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let spec = Probe {
+            period_ms: 1000,
+            ..probe(
+                ProbeKind::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: 9,
+                },
+                500,
+            )
+        };
+        let mut p = Prober::new(spec, Token(1), t0);
+        // Each check begins 3 ms after its time and takes 2 ms: the next is still due on
+        // the second.
+        for k in 0..5u64 {
+            assert_eq!(p.deadline(), Some(ms(1000 * k)));
+            p.finish(ms(1000 * k + 3), ms(1000 * k + 5), true, None);
+        }
+        // A check that overran its period: the next at once, then on the grid again.
+        p.finish(ms(5000), ms(6500), false, Some("timed out".into()));
+        assert_eq!(p.deadline(), Some(ms(6500)));
+        p.finish(ms(6501), ms(6502), true, None);
+        assert_eq!(p.deadline(), Some(ms(7500)));
     }
 
     #[test]
