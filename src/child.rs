@@ -9,6 +9,9 @@
 //! makes raw system calls only (async-signal-safe). An exec that fails is reported through
 //! a close-on-exec pipe, so the caller learns ENOENT or EACCES at once, with the errno.
 //!
+//! The child shares our memory until its exec (CLONE_VM | CLONE_VFORK, see `fork_into`),
+//! so it touches nothing of ours but its arguments and errno.
+//!
 //! With a cgroup, the child is created inside it (clone3 with CLONE_INTO_CGROUP, and its
 //! pidfd with CLONE_PIDFD) rather than moved there by a write to `cgroup.procs`: a move
 //! takes the cgroup hierarchy's write lock and waits for an RCU grace period, 0.7 ms on an
@@ -145,18 +148,82 @@ struct CloneArgs {
 const CLONE_PIDFD: u64 = 0x1000;
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
-/// Forks into `cgroup` at once when the kernel can (see the module doc). Returns the pid
-/// (0 in the child), the pidfd if the kernel gave one, and whether the child is already
-/// in its cgroup. `quiet`: no SIGCHLD when it ends (its pidfd says so; a signal handler
-/// would run first on the restart's hot path) — reap it with `__WALL`.
-fn fork_into(cgroup: Option<CgroupFds>, quiet: bool) -> (i32, Option<OwnedFd>, bool) {
+const CLONE_VM: u64 = 0x100;
+const CLONE_VFORK: u64 = 0x4000;
+
+/// The child's stack in the shared-memory start: it makes a few system calls only.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// Creates the child, in `cgroup` at once when the kernel can (see the module doc), and
+/// returns its pid and pidfd if the kernel gave one, and whether it is already in its
+/// cgroup. `quiet`: no SIGCHLD when it ends (its pidfd says so; a signal handler would run
+/// first on the restart's hot path) — reap it with `__WALL`.
+///
+/// Where clone3 works the child shares our memory and we sleep until it has exec'd
+/// (CLONE_VM | CLONE_VFORK, as posix_spawn does): a fork would first copy our page tables
+/// and the exec would then throw the copy away, a tenth of a millisecond of a restart's
+/// hot path here. That child runs `child(args)` on a stack of its own and never returns
+/// here; elsewhere (a fork, an older kernel) the child gets 0 and the caller runs it.
+fn fork_into(
+    cgroup: Option<CgroupFds>,
+    quiet: bool,
+    args: &ChildArgs<'_>,
+) -> (i32, Option<OwnedFd>, bool) {
     let into = cgroup.and_then(|c| c.dir);
     if into.is_some() || quiet {
+        let exit_signal = if quiet { 0 } else { libc::SIGCHLD as u64 };
+        let flags = CLONE_PIDFD | into.map_or(0, |_| CLONE_INTO_CGROUP);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let in_args = ChildArgs {
+                cgroup_procs: if into.is_some() {
+                    None
+                } else {
+                    args.cgroup_procs
+                },
+                ..*args
+            };
+            let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK);
+            let mut pidfd: i32 = -1;
+            let clone_args = CloneArgs {
+                flags: flags | CLONE_VM | CLONE_VFORK,
+                pidfd: &mut pidfd as *mut i32 as u64,
+                exit_signal,
+                stack: stack.as_mut_ptr() as u64,
+                stack_size: CHILD_STACK as u64,
+                cgroup: into.map_or(0, |fd| fd as u64),
+                ..CloneArgs::default()
+            };
+            // SAFETY: every signal blocked while the child runs in our memory (it resets
+            // the dispositions before it unblocks them), restored once it has exec'd. The
+            // child runs `child` on its own stack with arguments that live in this frame,
+            // which stays put while we sleep in the clone.
+            let pid = unsafe {
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                let mut old: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                libc::sigprocmask(libc::SIG_BLOCK, &all, &mut old);
+                let pid = clone3_vfork(
+                    &clone_args,
+                    child_entry,
+                    &in_args as *const ChildArgs<'_> as *const libc::c_void,
+                );
+                libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+                pid
+            };
+            drop(stack);
+            if pid > 0 {
+                // SAFETY: the kernel stored a new fd for the child.
+                let fd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
+                return (pid as i32, fd, into.is_some());
+            }
+            // ENOSYS, EINVAL, E2BIG: an older kernel. Try a plain clone3, then fork.
+        }
         let mut pidfd: i32 = -1;
-        let args = CloneArgs {
-            flags: CLONE_PIDFD | into.map_or(0, |_| CLONE_INTO_CGROUP),
+        let clone_args = CloneArgs {
+            flags,
             pidfd: &mut pidfd as *mut i32 as u64,
-            exit_signal: if quiet { 0 } else { libc::SIGCHLD as u64 },
+            exit_signal,
             cgroup: into.map_or(0, |fd| fd as u64),
             ..CloneArgs::default()
         };
@@ -165,7 +232,7 @@ fn fork_into(cgroup: Option<CgroupFds>, quiet: bool) -> (i32, Option<OwnedFd>, b
         let pid = unsafe {
             libc::syscall(
                 libc::SYS_clone3,
-                &args as *const CloneArgs,
+                &clone_args as *const CloneArgs,
                 std::mem::size_of::<CloneArgs>(),
             )
         } as i32;
@@ -174,10 +241,54 @@ fn fork_into(cgroup: Option<CgroupFds>, quiet: bool) -> (i32, Option<OwnedFd>, b
             let fd = (pid > 0 && pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
             return (pid, fd, into.is_some());
         }
-        // ENOSYS, EINVAL, E2BIG: an older kernel. Fall through to fork.
     }
     // SAFETY: as above; the child runs only raw system calls.
     (unsafe { libc::fork() }, None, false)
+}
+
+/// clone3 whose child calls `entry(arg)` on the stack given in `args` and never returns.
+/// Returns the child's pid, or -errno (it does not set errno).
+///
+/// # Safety
+/// `args` must ask for a stack; `entry` must not return; with CLONE_VM it must only make
+/// raw system calls.
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3_vfork(
+    args: &CloneArgs,
+    entry: unsafe extern "C" fn(*const libc::c_void) -> !,
+    arg: *const libc::c_void,
+) -> i64 {
+    let ret: i64;
+    // SAFETY: the caller's contract. The parent gets rax = pid or -errno and jumps over
+    // the child's part; the child (rax = 0, rsp = the top of its stack) calls `entry`,
+    // which ends in exec or _exit. r12 and r13 survive the syscall in both.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") args as *const CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") entry,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// The shared-memory child's first function.
+#[cfg(target_arch = "x86_64")]
+unsafe extern "C" fn child_entry(arg: *const libc::c_void) -> ! {
+    // SAFETY: `arg` is the ChildArgs in the frame of `fork_into`, which waits for us.
+    unsafe { child(*(arg as *const ChildArgs<'_>)) }
 }
 
 /// A program ready to be forked: its path resolved, every string converted, the signals
@@ -193,9 +304,10 @@ pub struct Prepared {
     identity: Option<(u32, u32)>,
     groups: Vec<libc::gid_t>,
     rlimits: Vec<(i32, u64)>,
-    /// Signals we ignore (SIGPIPE, by Rust's runtime): an ignored signal survives exec,
-    /// so the child resets these; handled ones are reset by exec itself.
-    ignored: Vec<i32>,
+    /// Signals not at their default: ignored ones (SIGPIPE, by Rust's runtime) would
+    /// survive the exec, and a handled one must not run in a child that shares our
+    /// memory (see `fork_into`), so the child resets them all.
+    not_default: Vec<i32>,
 }
 
 impl Prepared {
@@ -215,13 +327,13 @@ impl Prepared {
             ),
             None => None,
         };
-        let ignored = (1..32)
+        let not_default = (1..=libc::SIGRTMAX())
             .filter(|&sig| {
                 // SAFETY: querying a disposition into a zeroed sigaction we own.
                 unsafe {
                     let mut old: libc::sigaction = std::mem::zeroed();
                     libc::sigaction(sig, std::ptr::null(), &mut old) == 0
-                        && old.sa_sigaction == libc::SIG_IGN
+                        && old.sa_sigaction != libc::SIG_DFL
                 }
             })
             .collect();
@@ -243,7 +355,7 @@ impl Prepared {
                 .map(|(_, _, g)| g.clone())
                 .unwrap_or_default(),
             rlimits: prog.rlimits.clone(),
-            ignored,
+            not_default,
         })
     }
 
@@ -298,9 +410,22 @@ pub fn start_prepared(
         )
     };
 
-    // The workflow is single-threaded, and the child below makes only raw,
-    // async-signal-safe system calls on memory prepared before the fork.
-    let (pid, clone_pidfd, in_cgroup) = fork_into(cgroup, quiet);
+    let args = ChildArgs {
+        path: prep.path.as_ptr(),
+        argv: argv_p.as_ptr(),
+        env: env_p.as_ptr(),
+        cwd: prep.cwd.as_ref().map(|c| c.as_ptr()),
+        identity: prep.identity,
+        groups: &prep.groups,
+        rlimits: &prep.rlimits,
+        not_default: &prep.not_default,
+        cgroup_procs: cgroup.map(|c| c.procs),
+        stdio: [stdio.stdin, stdio.stdout, stdio.stderr],
+        report: report_w.as_raw_fd(),
+    };
+    // The workflow is single-threaded, and the child makes only raw, async-signal-safe
+    // system calls on memory prepared before the fork.
+    let (pid, clone_pidfd, in_cgroup) = fork_into(cgroup, quiet, &args);
     if pid < 0 {
         let e = io::Error::last_os_error()
             .raw_os_error()
@@ -308,20 +433,11 @@ pub fn start_prepared(
         return Err(fail(e, "fork failed".into()));
     }
     if pid == 0 {
-        // SAFETY: in the child, see above.
+        // SAFETY: in a forked child, see above.
         unsafe {
             child(ChildArgs {
-                path: prep.path.as_ptr(),
-                argv: argv_p.as_ptr(),
-                env: env_p.as_ptr(),
-                cwd: prep.cwd.as_ref().map(|c| c.as_ptr()),
-                identity: prep.identity,
-                groups: &prep.groups,
-                rlimits: &prep.rlimits,
-                ignored: &prep.ignored,
-                cgroup_procs: cgroup.filter(|_| !in_cgroup).map(|c| c.procs),
-                stdio: [stdio.stdin, stdio.stdout, stdio.stderr],
-                report: report_w.as_raw_fd(),
+                cgroup_procs: args.cgroup_procs.filter(|_| !in_cgroup),
+                ..args
             })
         }
     }
@@ -390,6 +506,7 @@ fn read_full(fd: RawFd, buf: &mut [u8]) -> usize {
     got
 }
 
+#[derive(Clone, Copy)]
 struct ChildArgs<'a> {
     path: *const libc::c_char,
     argv: *const *const libc::c_char,
@@ -398,7 +515,7 @@ struct ChildArgs<'a> {
     identity: Option<(u32, u32)>,
     groups: &'a [libc::gid_t],
     rlimits: &'a [(i32, u64)],
-    ignored: &'a [i32],
+    not_default: &'a [i32],
     cgroup_procs: Option<RawFd>,
     stdio: [RawFd; 3],
     report: RawFd,
@@ -418,14 +535,15 @@ unsafe fn child(a: ChildArgs<'_>) -> ! {
     }
     // SAFETY: every call below is async-signal-safe and uses memory prepared before fork.
     unsafe {
-        // Signals: nothing blocked, and what we ignore back to its default (an ignored
-        // signal would survive the exec; a handled one is reset by it).
+        // Signals: every disposition back to its default while all are still blocked
+        // (the parent blocked them: a handler of ours must not run here), then nothing
+        // blocked.
+        for &sig in a.not_default {
+            libc::signal(sig, libc::SIG_DFL);
+        }
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        for &sig in a.ignored {
-            libc::signal(sig, libc::SIG_DFL);
-        }
         libc::setpgid(0, 0);
         if let Some(fd) = a.cgroup_procs
             && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
@@ -455,9 +573,11 @@ unsafe fn child(a: ChildArgs<'_>) -> ! {
             die(a.report, STAGE_CHDIR);
         }
         if let Some((uid, gid)) = a.identity
-            && (libc::setgroups(a.groups.len(), a.groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0)
+            // The system calls themselves, not libc's wrappers: those would ask every
+            // thread of the process to switch too, and this child shares our memory.
+            && (libc::syscall(libc::SYS_setgroups, a.groups.len(), a.groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setgid, gid) != 0
+                || libc::syscall(libc::SYS_setuid, uid) != 0)
         {
             die(a.report, STAGE_IDENTITY);
         }
@@ -539,6 +659,18 @@ mod tests {
 
     #[test]
     fn starts_in_its_own_group_with_the_given_env_cwd_and_limits() {
+        // Forked (with an exit signal) and in shared memory (quiet: clone3 with CLONE_VM).
+        for quiet in [false, true] {
+            own_group_env_cwd_and_limits(quiet);
+        }
+    }
+
+    /// `start`, with or without an exit signal.
+    fn start_as(p: &Program, stdio: &Stdio, quiet: bool) -> Result<(i32, OwnedFd), StartError> {
+        start_prepared(&Prepared::new(p)?, None, stdio, None, quiet)
+    }
+
+    fn own_group_env_cwd_and_limits(quiet: bool) {
         let out = tempfile::NamedTempFile::new().unwrap();
         let null = devnull();
         let stdio = Stdio {
@@ -554,7 +686,7 @@ mod tests {
         p.env.push("GREETING=hello".into());
         p.cwd = Some(PathBuf::from("/tmp"));
         p.rlimits.push((libc::RLIMIT_NOFILE as i32, 77));
-        let (pid, _fd) = start(&p, &stdio, None).unwrap();
+        let (pid, _fd) = start_as(&p, &stdio, quiet).unwrap();
         assert_eq!(wait(pid), Ended::Code(0));
         let said = std::fs::read_to_string(out.path()).unwrap();
         assert_eq!(said, "hello\n/tmp\n77\nown-group\n", "{said}");
@@ -562,6 +694,13 @@ mod tests {
 
     #[test]
     fn exec_failures_come_back_with_the_errno() {
+        for quiet in [false, true] {
+            exec_failures(quiet);
+        }
+    }
+
+    fn exec_failures(quiet: bool) {
+        let start = |p: &Program, stdio: &Stdio, _: Option<CgroupFds>| start_as(p, stdio, quiet);
         let null = devnull();
         let stdio = Stdio {
             stdin: null.as_raw_fd(),
