@@ -213,16 +213,12 @@ impl Heartbeater {
     /// early, so a wake each half interval does not double the beats; and then without
     /// jitter, so the next beat falls on that timer's wake again.
     pub fn tick_shared(&mut self, now: Instant, shared: bool) -> Option<usize> {
-        let slack = if shared {
-            self.interval.mul_f64(0.45)
-        } else {
-            Duration::ZERO
-        };
-        if self.retry_at.is_some_and(|t| now >= t) && now + slack < self.next {
+        let due = beat_due(now, self.next, self.interval, shared);
+        if self.retry_at.is_some_and(|t| now >= t) && !due {
             self.retry(now);
             return None;
         }
-        if now + slack < self.next {
+        if !due {
             return None;
         }
         self.seq += 1;
@@ -266,23 +262,11 @@ impl Heartbeater {
         // retry soon rather than a whole interval later, for a couple of seconds.
         let early = self.started.elapsed() < Duration::from_secs(2);
         let soon = early && (!heard || !self.ready_told);
-        // Up to a tenth early, at random: a thousand daemons started in one burst drift
-        // apart instead of flooding the watchdogs' queues (10 datagrams by default) in
-        // the same few milliseconds of every interval.
-        // A beat on a shared wake keeps that wake's phase. One that needed a wake of its
-        // own is jittered as usual, which also moves it, within a few beats, to where the
-        // next one can share.
-        let jitter = if shared {
-            Duration::ZERO
+        self.next = if soon {
+            now + self.interval.min(Duration::from_millis(5))
         } else {
-            self.interval.mul_f64(self.rng.unit() * 0.1)
+            next_beat(now, self.interval, shared, self.rng.unit())
         };
-        self.next = now
-            + if soon {
-                self.interval.min(Duration::from_millis(5))
-            } else {
-                self.interval - jitter
-            };
         Some(delivered)
     }
 
@@ -305,6 +289,33 @@ impl Heartbeater {
     fn retry_delay(&mut self) -> Duration {
         Duration::from_micros(5_000 + (self.rng.unit() * 45_000.0) as u64)
     }
+}
+
+/// Whether a beat due at `next` goes out at `now`: on its own deadline, or on a wake
+/// shared with another timer less than half an interval before it (so that a wake each
+/// half interval does not double the beats). Pure.
+fn beat_due(now: Instant, next: Instant, interval: Duration, shared: bool) -> bool {
+    let slack = if shared {
+        interval.mul_f64(0.45)
+    } else {
+        Duration::ZERO
+    };
+    now + slack >= next
+}
+
+/// When the beat after one sent at `now` is due; `unit` is a random number in [0, 1).
+/// Up to a tenth early, at random: a thousand daemons started in one burst drift apart
+/// instead of flooding the watchdogs' queues (10 datagrams by default) in the same few
+/// milliseconds of every interval. A beat on a shared wake is not jittered, so it keeps
+/// that wake's phase; one that needed a wake of its own is, which also moves it within a
+/// few beats to where the next one can share. Pure.
+fn next_beat(now: Instant, interval: Duration, shared: bool, unit: f64) -> Instant {
+    let jitter = if shared {
+        Duration::ZERO
+    } else {
+        interval.mul_f64(unit * 0.1)
+    };
+    now + interval - jitter
 }
 
 /// Retries of one round's beat to a watchdog whose queue was full.
@@ -597,5 +608,78 @@ pub fn act_on_probe(ctx: &DaemonCtx, probe: &mut MasterProbe) -> bool {
             );
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hosting workflow's loop: a probe each second on a grid, a beat each 2 s, each
+    /// wake a little late. Returns the instants of the beats and how many wakes were the
+    /// beat's alone.
+    fn simulate(phase_ms: u64, seed: u64) -> (Vec<Instant>, usize) {
+        let t0 = Instant::now();
+        let interval = Duration::from_secs(2);
+        let late = Duration::from_micros(700);
+        let mut rng = Rng(seed | 1);
+        let mut next_probe = t0 + Duration::from_millis(phase_ms);
+        let mut next = t0;
+        let (mut beats, mut alone) = (Vec::new(), 0);
+        for _ in 0..400 {
+            let wake = next_probe.min(next) + late;
+            let shared = next_probe <= wake + Duration::from_millis(1);
+            if beat_due(wake, next, interval, shared) {
+                alone += usize::from(!shared);
+                beats.push(wake);
+                next = next_beat(wake, interval, shared, rng.unit());
+            }
+            if shared {
+                next_probe += Duration::from_secs(1);
+            }
+        }
+        (beats, alone)
+    }
+
+    #[test]
+    fn beats_fall_into_step_with_a_probe_and_stay_an_interval_apart() {
+        for (phase, seed) in (0..2000).step_by(37).zip(1..) {
+            let (beats, alone) = simulate(phase, seed);
+            let gaps: Vec<Duration> = beats.windows(2).map(|w| w[1] - w[0]).collect();
+            // Never further apart than the interval (plus a wake's lateness) ...
+            assert!(
+                gaps.iter().all(|g| *g <= Duration::from_millis(2002)),
+                "phase {phase}: {gaps:?}"
+            );
+            // ... nor nearer than the slack and a jittered deadline allow (0.45 and 0.1
+            // of the interval), and that only while falling into step: the watchdogs get
+            // no more beats than before.
+            assert!(
+                gaps.iter().all(|g| *g >= Duration::from_millis(900)),
+                "phase {phase}: {gaps:?}"
+            );
+            let short = gaps
+                .iter()
+                .filter(|g| **g < Duration::from_millis(1800))
+                .count();
+            assert!(short <= 3, "phase {phase}: {gaps:?}");
+            // Within a few beats every beat rides on a probe's wake.
+            assert!(alone <= 12, "phase {phase}: {alone} wakes for a beat alone");
+            assert!(beats.len() > 150, "{}", beats.len());
+        }
+    }
+
+    #[test]
+    fn alone_a_beat_is_due_on_its_deadline_and_jittered_by_a_tenth_at_most() {
+        let t0 = Instant::now();
+        let i = Duration::from_secs(2);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        assert!(!beat_due(ms(1999), ms(2000), i, false));
+        assert!(beat_due(ms(2000), ms(2000), i, false));
+        assert!(beat_due(ms(1101), ms(2000), i, true));
+        assert!(!beat_due(ms(1099), ms(2000), i, true));
+        assert_eq!(next_beat(ms(0), i, true, 0.99), ms(2000));
+        assert_eq!(next_beat(ms(0), i, false, 0.0), ms(2000));
+        assert_eq!(next_beat(ms(0), i, false, 0.5), ms(1900));
     }
 }

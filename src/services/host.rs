@@ -42,6 +42,10 @@ const T_STREAMS: usize = 16;
 /// Probe counts reach their file at most this often: a metrics scrape is slower still,
 /// and a hundred probed services must not cost a file write each every interval.
 const STATS_EVERY: Duration = Duration::from_secs(5);
+/// When only passing checks and log lines were counted, this often: a write and rename
+/// cost about as much as a probe on this kind of machine, and those counts matter to a
+/// rate over minutes, not to an alert.
+const STATS_ROUTINE_EVERY: Duration = Duration::from_secs(30);
 
 /// The program run this host watches.
 struct Live {
@@ -107,7 +111,10 @@ pub struct Host {
     reload_pending: bool,
     stats: Stats,
     stats_dirty: bool,
+    /// A failed check, a new error or a rejected datagram is among the unwritten counts.
+    stats_urgent: bool,
     stats_write: Chore,
+    stats_routine: Chore,
     finished: bool,
 }
 
@@ -196,10 +203,16 @@ impl Host {
             reload_pending: false,
             stats: Stats::default(),
             stats_dirty: false,
+            stats_urgent: false,
             stats_write: {
                 let (early, late) = stats_window(ctx.config.interval());
                 Chore::new(early, late, Instant::now())
             },
+            stats_routine: Chore::new(
+                STATS_ROUTINE_EVERY,
+                STATS_ROUTINE_EVERY + STATS_ROUTINE_EVERY / 2,
+                Instant::now(),
+            ),
             finished: false,
         };
         host.stats = state::read_stats(&host.dir, &host.name);
@@ -798,7 +811,7 @@ impl Host {
         let mut d = vec![self.stop_check.deadline()];
         d.extend(self.stopped_deadline);
         if self.stats_dirty {
-            d.push(self.stats_write.deadline());
+            d.push(self.stats_chore().deadline());
         }
         d.extend(self.record.machine.phase.due().map(from_mono));
         d.extend(self.ready_probe.as_ref().and_then(Prober::deadline));
@@ -877,12 +890,27 @@ impl Host {
         {
             self.pump_all(false);
         }
-        if self.stats_dirty && self.stats_write.may_run(now_i) {
-            self.stats.notify_rejected = self.notify.as_ref().map_or(0, |n| n.rejected);
-            let _ = state::write_stats(&self.dir, &self.name, &self.stats);
-            self.stats_dirty = false;
-            self.stats_write.ran(now_i);
+        if self.stats_dirty && self.stats_chore().may_run(now_i) {
+            self.write_stats(now_i);
         }
+    }
+
+    fn stats_chore(&self) -> &Chore {
+        if self.stats_urgent {
+            &self.stats_write
+        } else {
+            &self.stats_routine
+        }
+    }
+
+    fn write_stats(&mut self, now: Instant) {
+        let rejected = self.notify.as_ref().map_or(0, |n| n.rejected);
+        self.stats.notify_rejected = rejected;
+        let _ = state::write_stats(&self.dir, &self.name, &self.stats);
+        self.stats_dirty = false;
+        self.stats_urgent = false;
+        self.stats_write.ran(now);
+        self.stats_routine.ran(now);
     }
 
     /// A program SIGSTOPped (or otherwise stopped) for the cluster's timeout is hung.
@@ -929,6 +957,7 @@ impl Host {
     fn on_ready_verdict(&mut self, v: Verdict) {
         self.stats.ready.record(v.ok, v.took);
         self.stats_dirty = true;
+        self.stats_urgent |= !v.ok;
         let (ok, error) = (v.ok, v.error);
         if ok {
             self.record.machine.on_ready();
@@ -939,12 +968,14 @@ impl Host {
         } else if error != self.record.machine.last_error {
             self.record.machine.last_error = error;
             self.stats_dirty = true;
+            self.stats_urgent = true;
         }
     }
 
     fn on_liveness_verdict(&mut self, poll: &Poll, v: Verdict) {
         self.stats.liveness.record(v.ok, v.took);
         self.stats_dirty = true;
+        self.stats_urgent |= !v.ok;
         let (ok, error) = (v.ok, v.error);
         let before = self.record.machine.phase;
         let d = self
@@ -1094,6 +1125,7 @@ impl Host {
             None => false,
         });
         self.stats_dirty = true;
+        self.stats_urgent |= n.rejected != self.stats.notify_rejected;
         for notice in notices {
             match notice {
                 Notice::Ready => {
@@ -1271,6 +1303,9 @@ impl Host {
                 .registry()
                 .deregister(&mut SourceFd(&l.pidfd.as_raw_fd()));
         }
+        if self.stats_dirty {
+            self.write_stats(Instant::now());
+        }
         self.notify = None;
         self.record.host = None;
         self.save();
@@ -1300,6 +1335,9 @@ impl Host {
             l.tree.signal_all(libc::SIGKILL);
         }
         self.pump_all(true);
+        if self.stats_dirty {
+            self.write_stats(Instant::now());
+        }
         if let Some(cg) = &self.cgroup {
             cg.remove();
         }
