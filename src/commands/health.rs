@@ -112,7 +112,12 @@ pub fn judge(s: &Snapshot) -> (Verdict, Vec<String>) {
         let services = if s.services.is_empty() {
             String::new()
         } else {
-            format!(", {} service instances ready", s.services.len())
+            let done = s.services.iter().filter(|r| r.state == "completed").count();
+            let ready = s.services.len() - done;
+            match done {
+                0 => format!(", {ready} service instances ready"),
+                _ => format!(", {ready} service instances ready, {done} completed"),
+            }
         };
         (
             Verdict::Healthy,

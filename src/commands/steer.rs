@@ -124,19 +124,16 @@ fn apply(dir: &RuntimeDir, cfg: &Config) -> Result<(), String> {
     for w in super::service::wait_ready(dir, cfg, t0 + within)? {
         eprintln!("nexus: warning: {w}");
     }
-    let services: u32 = cfg.services.iter().map(|s| s.instances).sum();
     println!(
-        "applied in {:.1} ms: {} communicators, {} watchdogs, {} workflows running{}",
+        "applied in {:.1} ms: {} communicators, {} watchdogs, {} workflows running",
         t0.elapsed().as_secs_f64() * 1000.0,
         cfg.communicators,
         cfg.watchdogs,
         cfg.workflows,
-        if cfg.services.is_empty() {
-            String::new()
-        } else {
-            format!("; {services} service instances ready")
-        }
     );
+    if !cfg.services.is_empty() {
+        println!("{}", super::service::summary(dir, cfg));
+    }
     Ok(())
 }
 
