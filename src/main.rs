@@ -18,6 +18,9 @@ mod roles;
 mod runtime_dir;
 mod services;
 mod spawn;
+// Not used by the daemons yet: see tasks/mod.rs.
+#[cfg_attr(not(test), allow(dead_code))]
+mod tasks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

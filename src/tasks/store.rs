@@ -1,0 +1,741 @@
+//! The queue's durable store: SQLite in the state directory.
+//!
+//! WAL with `synchronous = FULL`: a submit is acknowledged only once its row is on disk,
+//! so it survives a power cut as well as SIGKILL of every nexus process (WAL with
+//! `NORMAL` survives any process's death but may lose the last commits on power loss; a
+//! queue's promise is that an acknowledged task is never lost). Every change is one
+//! `BEGIN IMMEDIATE` transaction, so the master's dispatch and a CLI's submit or cancel
+//! never interleave; readers are never blocked (WAL).
+//!
+//! A task's life is `lifecycle::Life`: this module loads it, lets it decide, and stores
+//! what it decided, in the same transaction.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+
+use crate::tasks::lifecycle::{Ending, Life, Refused, RetryBackoff, TaskState};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    spec TEXT NOT NULL,
+    argv TEXT NOT NULL,
+    required TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    timeout_ms INTEGER,
+    after_id INTEGER,
+    unique_key TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    not_before_ms INTEGER NOT NULL,
+    worker INTEGER,
+    exit_code INTEGER,
+    result TEXT,
+    error TEXT,
+    submitted_at_ms INTEGER NOT NULL,
+    started_at_ms INTEGER,
+    finished_at_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, priority DESC, id);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_live_unique ON tasks (unique_key)
+    WHERE unique_key IS NOT NULL AND state IN ('queued', 'running', 'retrying');
+CREATE TABLE IF NOT EXISTS attempts (
+    task_id INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    worker INTEGER NOT NULL,
+    started_at_ms INTEGER NOT NULL,
+    finished_at_ms INTEGER,
+    exit_code INTEGER,
+    error TEXT,
+    PRIMARY KEY (task_id, n)
+);
+"#;
+
+/// A task as submitted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    /// The JSON the program gets on stdin.
+    pub spec: String,
+    pub argv: Vec<String>,
+    pub required: Vec<String>,
+    pub priority: i32,
+    pub max_attempts: u32,
+    pub timeout_ms: Option<u64>,
+    pub delay_ms: u64,
+    pub after: Option<i64>,
+    pub unique: Option<String>,
+}
+
+/// A task as stored: the shape of `task status --json`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskRow {
+    pub id: i64,
+    pub state: TaskState,
+    pub priority: i32,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub worker: Option<u32>,
+    pub exit_code: Option<i32>,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub submitted_at_ms: u64,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    pub argv: Vec<String>,
+    pub required: Vec<String>,
+    pub timeout_ms: Option<u64>,
+    pub after: Option<i64>,
+    pub unique: Option<String>,
+    #[serde(skip)]
+    pub spec: String,
+    #[serde(skip)]
+    pub not_before_ms: u64,
+}
+
+impl TaskRow {
+    fn life(&self) -> Life {
+        Life {
+            state: self.state,
+            attempts: self.attempts,
+            max_attempts: self.max_attempts,
+            not_before_ms: self.not_before_ms,
+            worker: self.worker,
+            exit_code: self.exit_code,
+            error: self.error.clone(),
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: self.finished_at_ms,
+        }
+    }
+}
+
+/// Why the store said no.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The database could not be used (opened, read, written): the text names the cause.
+    Db(String),
+    NoSuchTask(i64),
+    /// `--unique KEY` while a live task has that key.
+    Duplicate {
+        key: String,
+        id: i64,
+    },
+    /// The transition does not apply now.
+    Refused(Refused),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Db(e) => write!(f, "task database: {e}"),
+            StoreError::NoSuchTask(id) => write!(f, "no task {id}"),
+            StoreError::Duplicate { key, id } => {
+                write!(f, "task {id} with the unique key {key:?} is still live")
+            }
+            StoreError::Refused(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError::Db(e.to_string())
+    }
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+/// How a failed attempt is retried: the backoff and this decision's random jitter in
+/// [0, 1) (passed in, so tests can pin it).
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    pub backoff: RetryBackoff,
+    pub jitter: f64,
+}
+
+const COLUMNS: &str = "id, state, priority, attempts, max_attempts, worker, exit_code, result, \
+     error, submitted_at_ms, started_at_ms, finished_at_ms, argv, required, timeout_ms, after_id, \
+     unique_key, spec, not_before_ms";
+
+fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
+    let state: String = r.get(1)?;
+    let result: Option<String> = r.get(7)?;
+    let argv: String = r.get(12)?;
+    let required: String = r.get(13)?;
+    Ok(TaskRow {
+        id: r.get(0)?,
+        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
+        priority: r.get(2)?,
+        attempts: r.get(3)?,
+        max_attempts: r.get(4)?,
+        worker: r.get(5)?,
+        exit_code: r.get(6)?,
+        // Kept as JSON when it parses, else as a string.
+        result: result.map(|t| serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t))),
+        error: r.get(8)?,
+        submitted_at_ms: r.get::<_, i64>(9)? as u64,
+        started_at_ms: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
+        finished_at_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
+        argv: serde_json::from_str(&argv).unwrap_or_default(),
+        required: serde_json::from_str(&required).unwrap_or_default(),
+        timeout_ms: r.get::<_, Option<i64>>(14)?.map(|v| v as u64),
+        after: r.get(15)?,
+        unique: r.get(16)?,
+        spec: r.get(17)?,
+        not_before_ms: r.get::<_, i64>(18)? as u64,
+    })
+}
+
+impl Store {
+    /// Opens (creating) the queue at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let at = |e: rusqlite::Error| StoreError::Db(format!("{}: {e}", path.display()));
+        let conn = Connection::open(path).map_err(at)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(at)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(at)?;
+        if mode != "wal" {
+            return Err(StoreError::Db(format!(
+                "{}: cannot use write-ahead logging (journal mode {mode})",
+                path.display()
+            )));
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL;")
+            .map_err(at)?;
+        conn.execute_batch(SCHEMA).map_err(at)?;
+        Ok(Store { conn })
+    }
+
+    /// Stores a new task, queued: its id.
+    pub fn submit(&mut self, t: &NewTask, now_ms: u64) -> Result<i64, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(key) = &t.unique {
+            let live: Option<i64> = tx
+                .query_row(
+                    "SELECT id FROM tasks WHERE unique_key = ?1 \
+                     AND state IN ('queued', 'running', 'retrying')",
+                    [key],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(id) = live {
+                return Err(StoreError::Duplicate {
+                    key: key.clone(),
+                    id,
+                });
+            }
+        }
+        if let Some(after) = t.after {
+            let known: Option<i64> = tx
+                .query_row("SELECT id FROM tasks WHERE id = ?1", [after], |r| r.get(0))
+                .optional()?;
+            if known.is_none() {
+                return Err(StoreError::NoSuchTask(after));
+            }
+        }
+        let life = Life::new(t.max_attempts, now_ms + t.delay_ms);
+        tx.execute(
+            "INSERT INTO tasks (spec, argv, required, priority, timeout_ms, after_id, unique_key, \
+             state, attempts, max_attempts, not_before_ms, submitted_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10, ?11)",
+            params![
+                t.spec,
+                serde_json::to_string(&t.argv).unwrap_or_default(),
+                serde_json::to_string(&t.required).unwrap_or_default(),
+                t.priority,
+                t.timeout_ms.map(|v| v as i64),
+                t.after,
+                t.unique,
+                life.state.as_str(),
+                life.max_attempts,
+                life.not_before_ms as i64,
+                now_ms as i64,
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(id)
+    }
+
+    pub fn get(&self, id: i64) -> Result<TaskRow, StoreError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
+                [id],
+                row_of,
+            )
+            .optional()?
+            .ok_or(StoreError::NoSuchTask(id))
+    }
+
+    /// Tasks in id order, optionally of one state: a page of at most `limit` after `after_id`.
+    pub fn list(
+        &self,
+        state: Option<TaskState>,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM tasks WHERE id > ?1 AND (?2 IS NULL OR state = ?2) \
+             ORDER BY id LIMIT ?3"
+        ))?;
+        let rows = st
+            .query_map(
+                params![after_id, state.map(TaskState::as_str), limit],
+                row_of,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// How many tasks are in each state.
+    pub fn counts(&self) -> Result<Vec<(TaskState, u64)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
+        let got: Vec<(String, i64)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(TaskState::ALL
+            .into_iter()
+            .map(|s| {
+                let n = got
+                    .iter()
+                    .find(|(name, _)| name == s.as_str())
+                    .map_or(0, |(_, n)| *n as u64);
+                (s, n)
+            })
+            .collect())
+    }
+
+    /// Starts the best task `worker` can run at `now`: the highest priority, oldest first,
+    /// among those whose required capabilities it has and whose `after` task succeeded.
+    /// Returns it with its attempt number.
+    pub fn claim(
+        &mut self,
+        worker: u32,
+        capabilities: &[String],
+        now_ms: u64,
+    ) -> Result<Option<(TaskRow, u32)>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let candidates: Vec<TaskRow> = {
+            let mut st = tx.prepare(&format!(
+                "SELECT {COLUMNS} FROM tasks WHERE state IN ('queued', 'retrying') \
+                 AND not_before_ms <= ?1 \
+                 AND (after_id IS NULL OR after_id IN (SELECT id FROM tasks WHERE state = 'succeeded')) \
+                 ORDER BY priority DESC, id LIMIT 256"
+            ))?;
+            st.query_map([now_ms as i64], row_of)?
+                .collect::<Result<_, _>>()?
+        };
+        let Some(mut row) = candidates
+            .into_iter()
+            .find(|t| t.required.iter().all(|c| capabilities.contains(c)))
+        else {
+            return Ok(None);
+        };
+        let mut life = row.life();
+        let attempt = life.start(worker, now_ms).map_err(StoreError::Refused)?;
+        store_life(&tx, row.id, &life)?;
+        tx.execute(
+            "INSERT INTO attempts (task_id, n, worker, started_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![row.id, attempt, worker, now_ms as i64],
+        )?;
+        tx.commit()?;
+        apply(&mut row, &life);
+        Ok(Some((row, attempt)))
+    }
+
+    /// Attempt `attempt` of task `id` ended: the task's new state.
+    pub fn finish(
+        &mut self,
+        id: i64,
+        attempt: u32,
+        ending: Ending,
+        result: Option<&str>,
+        now_ms: u64,
+        retry: &Retry,
+    ) -> Result<TaskState, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row = tx
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
+                [id],
+                row_of,
+            )
+            .optional()?
+            .ok_or(StoreError::NoSuchTask(id))?;
+        let mut life = row.life();
+        let state = life
+            .end(attempt, ending, now_ms, &retry.backoff, retry.jitter)
+            .map_err(StoreError::Refused)?;
+        store_life(&tx, id, &life)?;
+        tx.execute(
+            "UPDATE tasks SET result = ?2 WHERE id = ?1",
+            params![id, result],
+        )?;
+        tx.execute(
+            "UPDATE attempts SET finished_at_ms = ?3, exit_code = ?4, error = ?5 \
+             WHERE task_id = ?1 AND n = ?2",
+            params![id, attempt, now_ms as i64, life.exit_code, life.error],
+        )?;
+        tx.commit()?;
+        Ok(state)
+    }
+
+    /// Cancels a live task: the worker running it, if any (to be killed).
+    pub fn cancel(&mut self, id: i64, now_ms: u64) -> Result<Option<u32>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row = tx
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
+                [id],
+                row_of,
+            )
+            .optional()?
+            .ok_or(StoreError::NoSuchTask(id))?;
+        let mut life = row.life();
+        let worker = life.cancel(now_ms).map_err(StoreError::Refused)?;
+        store_life(&tx, id, &life)?;
+        if worker.is_some() {
+            tx.execute(
+                "UPDATE attempts SET finished_at_ms = ?3, error = 'cancelled' \
+                 WHERE task_id = ?1 AND n = ?2",
+                params![id, life.attempts, now_ms as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(worker)
+    }
+
+    /// Every attempt still marked running ends as lost (the owner of the queue starts and
+    /// nobody is running anything yet): retried or failed by the usual rule.
+    pub fn requeue_running(
+        &mut self,
+        why: &str,
+        now_ms: u64,
+        retry: &Retry,
+    ) -> Result<Vec<(i64, TaskState)>, StoreError> {
+        let running: Vec<(i64, u32)> = {
+            let mut st = self
+                .conn
+                .prepare("SELECT id, attempts FROM tasks WHERE state = 'running'")?;
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        for (id, attempt) in running {
+            let s = self.finish(
+                id,
+                attempt,
+                Ending::Failed(why.to_string()),
+                None,
+                now_ms,
+                retry,
+            )?;
+            out.push((id, s));
+        }
+        Ok(out)
+    }
+}
+
+fn store_life(tx: &rusqlite::Transaction<'_>, id: i64, l: &Life) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE tasks SET state = ?2, attempts = ?3, max_attempts = ?4, not_before_ms = ?5, \
+         worker = ?6, exit_code = ?7, error = ?8, started_at_ms = ?9, finished_at_ms = ?10 \
+         WHERE id = ?1",
+        params![
+            id,
+            l.state.as_str(),
+            l.attempts,
+            l.max_attempts,
+            l.not_before_ms as i64,
+            l.worker,
+            l.exit_code,
+            l.error,
+            l.started_at_ms.map(|v| v as i64),
+            l.finished_at_ms.map(|v| v as i64),
+        ],
+    )?;
+    Ok(())
+}
+
+fn apply(row: &mut TaskRow, l: &Life) {
+    row.state = l.state;
+    row.attempts = l.attempts;
+    row.max_attempts = l.max_attempts;
+    row.not_before_ms = l.not_before_ms;
+    row.worker = l.worker;
+    row.exit_code = l.exit_code;
+    row.error = l.error.clone();
+    row.started_at_ms = l.started_at_ms;
+    row.finished_at_ms = l.finished_at_ms;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: Retry = Retry {
+        backoff: RetryBackoff {
+            initial_ms: 100,
+            max_ms: 1000,
+        },
+        jitter: 0.5,
+    };
+
+    fn task(argv: &[&str]) -> NewTask {
+        NewTask {
+            spec: "{}".into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            required: Vec::new(),
+            priority: 0,
+            max_attempts: 3,
+            timeout_ms: None,
+            delay_ms: 0,
+            after: None,
+            unique: None,
+        }
+    }
+
+    fn caps(c: &[&str]) -> Vec<String> {
+        c.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn priority_then_fifo_and_capabilities_decide_who_runs_what() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("q/tasks.db")).unwrap();
+        let low = s.submit(&task(&["a"]), 0).unwrap();
+        let high = s
+            .submit(
+                &NewTask {
+                    priority: 10,
+                    ..task(&["b"])
+                },
+                0,
+            )
+            .unwrap();
+        let gpu = s
+            .submit(
+                &NewTask {
+                    priority: 20,
+                    required: caps(&["gpu"]),
+                    ..task(&["c"])
+                },
+                0,
+            )
+            .unwrap();
+        let low2 = s.submit(&task(&["d"]), 0).unwrap();
+        // A worker without the gpu skips the gpu task, priority first, then FIFO.
+        let (t, n) = s.claim(1, &[], 1).unwrap().unwrap();
+        assert_eq!(
+            (t.id, n, t.state, t.worker),
+            (high, 1, TaskState::Running, Some(1))
+        );
+        assert_eq!(s.claim(1, &[], 1).unwrap().unwrap().0.id, low);
+        assert_eq!(s.claim(1, &[], 1).unwrap().unwrap().0.id, low2);
+        assert!(
+            s.claim(1, &[], 1).unwrap().is_none(),
+            "only the gpu task is left"
+        );
+        assert_eq!(
+            s.claim(2, &caps(&["gpu", "ssd"]), 1).unwrap().unwrap().0.id,
+            gpu
+        );
+        let counts = s.counts().unwrap();
+        assert!(counts.contains(&(TaskState::Running, 4)), "{counts:?}");
+    }
+
+    #[test]
+    fn a_failed_attempt_is_retried_after_its_backoff_and_results_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("tasks.db")).unwrap();
+        let id = s.submit(&task(&["x"]), 0).unwrap();
+        let (_, a) = s.claim(1, &[], 0).unwrap().unwrap();
+        assert_eq!(
+            s.finish(id, a, Ending::Exited(3), None, 10, &B).unwrap(),
+            TaskState::Retrying
+        );
+        assert!(s.claim(1, &[], 109).unwrap().is_none(), "still backing off");
+        let (_, a) = s.claim(2, &[], 110).unwrap().unwrap();
+        assert_eq!(a, 2);
+        // A late result of attempt 1 is refused and changes nothing.
+        assert!(matches!(
+            s.finish(id, 1, Ending::Exited(0), Some("{}"), 111, &B),
+            Err(StoreError::Refused(Refused::Superseded { .. }))
+        ));
+        assert_eq!(
+            s.finish(id, a, Ending::Exited(0), Some(r#"{"ok": 1}"#), 120, &B)
+                .unwrap(),
+            TaskState::Succeeded
+        );
+        let t = s.get(id).unwrap();
+        assert_eq!(t.result, Some(serde_json::json!({"ok": 1})));
+        assert_eq!(
+            (t.attempts, t.exit_code, t.finished_at_ms),
+            (2, Some(0), Some(120))
+        );
+        let n: i64 = s
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM attempts WHERE task_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 2, "each attempt is kept");
+    }
+
+    #[test]
+    fn unique_keys_after_and_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("tasks.db")).unwrap();
+        let u = NewTask {
+            unique: Some("nightly".into()),
+            ..task(&["x"])
+        };
+        let first = s.submit(&u, 0).unwrap();
+        assert_eq!(
+            s.submit(&u, 0),
+            Err(StoreError::Duplicate {
+                key: "nightly".into(),
+                id: first
+            })
+        );
+        assert_eq!(
+            s.submit(
+                &NewTask {
+                    after: Some(999),
+                    ..task(&["y"])
+                },
+                0
+            ),
+            Err(StoreError::NoSuchTask(999))
+        );
+        let later = s
+            .submit(
+                &NewTask {
+                    after: Some(first),
+                    ..task(&["y"])
+                },
+                0,
+            )
+            .unwrap();
+        let delayed = s
+            .submit(
+                &NewTask {
+                    delay_ms: 500,
+                    ..task(&["z"])
+                },
+                0,
+            )
+            .unwrap();
+        let (t, a) = s.claim(1, &[], 0).unwrap().unwrap();
+        assert_eq!(t.id, first);
+        assert!(
+            s.claim(1, &[], 0).unwrap().is_none(),
+            "`later` waits for `first`"
+        );
+        s.finish(first, a, Ending::Exited(0), None, 1, &B).unwrap();
+        // The key is free again once its task is no longer live.
+        assert!(s.submit(&u, 2).is_ok());
+        assert_eq!(s.claim(1, &[], 2).unwrap().unwrap().0.id, later);
+        assert_eq!(
+            s.claim(1, &[], 499).unwrap().map(|t| t.0.id),
+            Some(first + 3)
+        );
+        assert_eq!(s.claim(1, &[], 500).unwrap().unwrap().0.id, delayed);
+    }
+
+    #[test]
+    fn what_was_running_when_the_queue_lost_its_owner_is_requeued_with_the_attempt_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.db");
+        let id = {
+            let mut s = Store::open(&path).unwrap();
+            let id = s
+                .submit(
+                    &NewTask {
+                        max_attempts: 2,
+                        ..task(&["x"])
+                    },
+                    0,
+                )
+                .unwrap();
+            s.claim(1, &[], 0).unwrap().unwrap();
+            id
+        };
+        // Reopened, as after every nexus process was killed.
+        let mut s = Store::open(&path).unwrap();
+        let out = s
+            .requeue_running("nexus stopped while it ran", 50, &B)
+            .unwrap();
+        assert_eq!(out, vec![(id, TaskState::Retrying)]);
+        let t = s.get(id).unwrap();
+        assert_eq!(t.attempts, 1);
+        assert_eq!(t.error.as_deref(), Some("nexus stopped while it ran"));
+        let (_, a) = s.claim(2, &[], 1000).unwrap().unwrap();
+        s.requeue_running("again", 2000, &B).unwrap();
+        assert_eq!(
+            s.get(id).unwrap().state,
+            TaskState::Failed,
+            "attempts spent at {a}"
+        );
+    }
+
+    #[test]
+    fn cancel_a_queued_and_a_running_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("tasks.db")).unwrap();
+        let q = s.submit(&task(&["x"]), 0).unwrap();
+        let r = s
+            .submit(
+                &NewTask {
+                    priority: 5,
+                    ..task(&["y"])
+                },
+                0,
+            )
+            .unwrap();
+        assert_eq!(s.claim(7, &[], 0).unwrap().unwrap().0.id, r);
+        assert_eq!(s.cancel(q, 1), Ok(None));
+        assert_eq!(s.cancel(r, 1), Ok(Some(7)));
+        assert_eq!(
+            s.cancel(r, 2),
+            Err(StoreError::Refused(Refused::NotNow(TaskState::Cancelled)))
+        );
+        assert_eq!(s.cancel(42, 2), Err(StoreError::NoSuchTask(42)));
+        assert!(s.claim(7, &[], 3).unwrap().is_none());
+        let page = s.list(Some(TaskState::Cancelled), 0, 10).unwrap();
+        assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), vec![q, r]);
+        assert_eq!(s.list(None, q, 10).unwrap().len(), 1, "paged after an id");
+    }
+
+    #[test]
+    fn garbage_in_place_of_a_database_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.db");
+        std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+        let e = Store::open(&path).err().unwrap().to_string();
+        assert!(e.contains("tasks.db"), "{e}");
+    }
+}
