@@ -183,7 +183,8 @@ fn fork_into(
                 },
                 ..*args
             };
-            let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK);
+            // u128: 16-byte aligned whatever the allocator, as the ABI wants the stack.
+            let mut stack: Vec<u128> = Vec::with_capacity(CHILD_STACK / 16);
             let mut pidfd: i32 = -1;
             let clone_args = CloneArgs {
                 flags: flags | CLONE_VM | CLONE_VFORK,
@@ -217,7 +218,13 @@ fn fork_into(
                 let fd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
                 return (pid as i32, fd, into.is_some());
             }
-            // ENOSYS, EINVAL, E2BIG: an older kernel. Try a plain clone3, then fork.
+            if !older_kernel(-pid as i32) {
+                // A real failure (EAGAIN at pids.max, ENOMEM): no retry another way, which
+                // could start the program outside its cgroup's limits.
+                set_errno(-pid as i32);
+                return (-1, None, false);
+            }
+            // An older kernel: try a plain clone3, then fork.
         }
         let mut pidfd: i32 = -1;
         let clone_args = CloneArgs {
@@ -241,9 +248,23 @@ fn fork_into(
             let fd = (pid > 0 && pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
             return (pid, fd, into.is_some());
         }
+        let e = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        if !older_kernel(e) {
+            return (-1, None, false);
+        }
     }
     // SAFETY: as above; the child runs only raw system calls.
     (unsafe { libc::fork() }, None, false)
+}
+
+/// clone3's answers on a kernel that lacks it or one of our flags.
+fn older_kernel(errno: i32) -> bool {
+    matches!(errno, libc::ENOSYS | libc::EINVAL | libc::E2BIG)
+}
+
+fn set_errno(e: i32) {
+    // SAFETY: our thread's errno.
+    unsafe { *libc::__errno_location() = e };
 }
 
 /// clone3 whose child calls `entry(arg)` on the stack given in `args` and never returns.
@@ -306,7 +327,8 @@ pub struct Prepared {
     rlimits: Vec<(i32, u64)>,
     /// Signals not at their default: ignored ones (SIGPIPE, by Rust's runtime) would
     /// survive the exec, and a handled one must not run in a child that shares our
-    /// memory (see `fork_into`), so the child resets them all.
+    /// memory (see `fork_into`), so the child resets them all. Read when the program is
+    /// prepared: every daemon installs its handlers at its start, before any program is.
     not_default: Vec<i32>,
 }
 
