@@ -153,6 +153,8 @@ pub struct Heartbeater {
     seq: u64,
     interval: Duration,
     next: Instant,
+    /// When the last round went out.
+    last: Option<Instant>,
     /// Until the master has our ready message we keep offering it with each beat.
     ready_told: bool,
     started: Instant,
@@ -182,6 +184,7 @@ impl Heartbeater {
             seq: 0,
             interval: ctx.config.interval(),
             next: Instant::now(),
+            last: None,
             ready_told: false,
             started: Instant::now(),
             msg: Vec::new(),
@@ -209,11 +212,10 @@ impl Heartbeater {
 
     /// `tick`, on a wake that also serves another timer of the loop (a hosting workflow's
     /// probe): a beat nearly due goes out now rather than waking the daemon again for it,
-    /// since a wake costs more CPU than the beat (see `chore`). Less than half an interval
-    /// early, so a wake each half interval does not double the beats; and then without
-    /// jitter, so the next beat falls on that timer's wake again.
+    /// since a wake costs more CPU than the beat (see `chore`); then without jitter, so
+    /// the next beat falls on that timer's wake again.
     pub fn tick_shared(&mut self, now: Instant, shared: bool) -> Option<usize> {
-        let due = beat_due(now, self.next, self.interval, shared);
+        let due = beat_due(now, self.next, self.last, self.interval, shared);
         if self.retry_at.is_some_and(|t| now >= t) && !due {
             self.retry(now);
             return None;
@@ -222,6 +224,7 @@ impl Heartbeater {
             return None;
         }
         self.seq += 1;
+        self.last = Some(now);
         self.msg = protocol::encode(&Datagram::Heartbeat {
             role: self.slot.role,
             id: self.slot.id,
@@ -292,15 +295,18 @@ impl Heartbeater {
 }
 
 /// Whether a beat due at `next` goes out at `now`: on its own deadline, or on a wake
-/// shared with another timer less than half an interval before it (so that a wake each
-/// half interval does not double the beats). Pure.
-fn beat_due(now: Instant, next: Instant, interval: Duration, shared: bool) -> bool {
-    let slack = if shared {
-        interval.mul_f64(0.45)
-    } else {
-        Duration::ZERO
-    };
-    now + slack >= next
+/// shared with another timer once 0.9 of an interval has passed since the last beat —
+/// as near as the jitter brings two beats anyway, so sharing never sends more of them
+/// (whatever the other timer's rate, and while starting up, when `next` is only 5 ms
+/// ahead). Pure.
+fn beat_due(
+    now: Instant,
+    next: Instant,
+    last: Option<Instant>,
+    interval: Duration,
+    shared: bool,
+) -> bool {
+    now >= next || (shared && last.is_some_and(|l| now >= l + interval.mul_f64(0.9)))
 }
 
 /// When the beat after one sent at `now` is due; `unit` is a random number in [0, 1).
@@ -629,7 +635,7 @@ mod tests {
         for _ in 0..400 {
             let wake = next_probe.min(next) + late;
             let shared = next_probe <= wake + Duration::from_millis(1);
-            if beat_due(wake, next, interval, shared) {
+            if beat_due(wake, next, beats.last().copied(), interval, shared) {
                 alone += usize::from(!shared);
                 beats.push(wake);
                 next = next_beat(wake, interval, shared, rng.unit());
@@ -651,20 +657,13 @@ mod tests {
                 gaps.iter().all(|g| *g <= Duration::from_millis(2002)),
                 "phase {phase}: {gaps:?}"
             );
-            // ... nor nearer than the slack and a jittered deadline allow (0.45 and 0.1
-            // of the interval), and that only while falling into step: the watchdogs get
-            // no more beats than before.
+            // ... nor nearer than the jitter brings them: the watchdogs get no more beats.
             assert!(
-                gaps.iter().all(|g| *g >= Duration::from_millis(900)),
+                gaps.iter().all(|g| *g >= Duration::from_millis(1800)),
                 "phase {phase}: {gaps:?}"
             );
-            let short = gaps
-                .iter()
-                .filter(|g| **g < Duration::from_millis(1800))
-                .count();
-            assert!(short <= 3, "phase {phase}: {gaps:?}");
-            // Within a few beats every beat rides on a probe's wake.
-            assert!(alone <= 12, "phase {phase}: {alone} wakes for a beat alone");
+            // Within some beats every beat rides on a probe's wake.
+            assert!(alone <= 40, "phase {phase}: {alone} wakes for a beat alone");
             assert!(beats.len() > 150, "{}", beats.len());
         }
     }
@@ -674,10 +673,14 @@ mod tests {
         let t0 = Instant::now();
         let i = Duration::from_secs(2);
         let ms = |n: u64| t0 + Duration::from_millis(n);
-        assert!(!beat_due(ms(1999), ms(2000), i, false));
-        assert!(beat_due(ms(2000), ms(2000), i, false));
-        assert!(beat_due(ms(1101), ms(2000), i, true));
-        assert!(!beat_due(ms(1099), ms(2000), i, true));
+        let last = Some(ms(0));
+        assert!(!beat_due(ms(1999), ms(2000), last, i, false));
+        assert!(beat_due(ms(2000), ms(2000), last, i, false));
+        assert!(beat_due(ms(1800), ms(2000), last, i, true));
+        assert!(!beat_due(ms(1799), ms(2000), last, i, true));
+        // Starting up (the next beat 5 ms away): a fast timer's wakes add no beats.
+        assert!(!beat_due(ms(3), ms(5), last, i, true));
+        assert!(!beat_due(ms(3), ms(5), None, i, true));
         assert_eq!(next_beat(ms(0), i, true, 0.99), ms(2000));
         assert_eq!(next_beat(ms(0), i, false, 0.0), ms(2000));
         assert_eq!(next_beat(ms(0), i, false, 0.5), ms(1900));

@@ -254,6 +254,8 @@ impl Host {
     /// Picks the instance up: from a predecessor's record if there is one (adopting a
     /// running program, or noting one that died unsupervised), else fresh.
     fn take_over(&mut self, poll: &Poll) {
+        // The predecessor wrote its last counts when it let go: carry those on.
+        self.stats = state::read_stats(&self.dir, &self.name);
         let Some(rec) = state::read_record(&self.dir, &self.name) else {
             self.record.host = Some(self.me);
             self.save();
@@ -719,11 +721,13 @@ impl Host {
     }
 
     fn start_liveness(&mut self) {
-        self.liveness = self
-            .spec
-            .liveness
-            .clone()
-            .map(|p| Prober::new(p, T_LIVE_PROBE, Instant::now()));
+        self.liveness = self.spec.liveness.clone().map(|p| {
+            // A random phase within the first period: instances started in one burst
+            // would otherwise probe, and beat (see `Heartbeater::tick_shared`), in the
+            // same few milliseconds of every period.
+            let phase = Duration::from_millis((self.rng.unit() * p.period_ms as f64) as u64);
+            Prober::new(p, T_LIVE_PROBE, Instant::now() + phase)
+        });
     }
 
     fn became_ready(&mut self) {
@@ -806,6 +810,10 @@ impl Host {
 
     pub fn deadline(&self) -> Option<Instant> {
         let now_i = Instant::now();
+        if self.waiting_for.is_some() {
+            // Only the predecessor's letting go is awaited (see `tick`).
+            return Some(now_i + Duration::from_secs(1));
+        }
         let now = mono_ms();
         let from_mono = |t: u64| now_i + Duration::from_millis(t.saturating_sub(now));
         let mut d = vec![self.stop_check.deadline()];
@@ -821,9 +829,6 @@ impl Host {
             && self.record.machine.phase.is_ready()
         {
             d.push(last + Duration::from_millis(w));
-        }
-        if self.waiting_for.is_some() {
-            d.push(now_i + Duration::from_secs(1));
         }
         if let Some(l) = &self.live
             && self.record.machine.policy.failed()
@@ -1370,7 +1375,8 @@ fn stop_check_window(interval: Duration, timeout: Duration) -> (Duration, Durati
 
 /// The stats file: every few seconds, on a wake the loop has anyway.
 fn stats_window(interval: Duration) -> (Duration, Duration) {
-    let every = interval.max(STATS_EVERY);
+    // Never later than the routine counts (a long interval_ms).
+    let every = interval.clamp(STATS_EVERY, STATS_ROUTINE_EVERY);
     (every, every + every / 2)
 }
 
