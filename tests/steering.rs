@@ -58,6 +58,10 @@ fn scale_up_and_down_leaves_the_others_alone() {
     let victim = c.pid_of("workflow", 2).unwrap();
     signal(victim, libc::SIGSTOP);
     c.wait_replaced("workflow", 2, victim);
+    // The replacement runs before the master writes its ledger line (the hot path first).
+    wait_until("the recovery recorded", Duration::from_secs(10), || {
+        !c.recoveries_of(victim).is_empty()
+    });
     assert_eq!(c.recoveries_of(victim).len(), 1);
     c.wait_whole(10, Duration::from_secs(10));
     let status = c.status_json();

@@ -2,7 +2,7 @@
 //! jitter are passed in), so every rule of the queue is unit-tested here and the store
 //! and the daemons only carry the results out.
 //!
-//! `queued` → `running` → `succeeded`; or `retrying` (backoff) → `queued` again … until
+//! `queued` → `running` → `succeeded`; or `retrying` (backoff) → `running` again … until
 //! the attempts are spent → `failed`; or `cancelled` from any live state. A worker that
 //! dies or hangs mid-task ends the attempt like a failed exit (the attempt is counted):
 //! at-least-once execution, one final outcome. A result that arrives for an attempt that
@@ -79,6 +79,8 @@ pub struct Life {
     /// Attempts begun so far (the current one included while running).
     pub attempts: u32,
     pub max_attempts: u32,
+    /// The attempts one submit (or one retry by hand) grants.
+    pub budget: u32,
     /// Not to be started before this (Unix ms): a delay or a retry's backoff.
     pub not_before_ms: u64,
     /// The worker running the current attempt.
@@ -127,6 +129,7 @@ impl Life {
             state: TaskState::Queued,
             attempts: 0,
             max_attempts: max_attempts.max(1),
+            budget: max_attempts.max(1),
             not_before_ms,
             worker: None,
             exit_code: None,
@@ -150,6 +153,8 @@ impl Life {
         self.state = TaskState::Running;
         self.attempts += 1;
         self.worker = Some(worker);
+        self.exit_code = None;
+        self.error = None;
         self.started_at_ms = Some(now_ms);
         self.finished_at_ms = None;
         Ok(self.attempts)
@@ -215,7 +220,7 @@ impl Life {
         if !matches!(self.state, TaskState::Failed | TaskState::Cancelled) {
             return Err(Refused::NotNow(self.state));
         }
-        self.max_attempts = self.attempts + self.max_attempts.max(1);
+        self.max_attempts = self.attempts + self.budget.max(1);
         self.state = TaskState::Queued;
         self.not_before_ms = now_ms;
         self.exit_code = None;
@@ -312,6 +317,10 @@ mod tests {
         assert_eq!(r.retry(7), Ok(()));
         assert_eq!((r.state, r.max_attempts), (TaskState::Queued, 2));
         assert_eq!(r.start(1, 7), Ok(2));
+        // Each retry by hand grants the submit's budget again, no more.
+        r.end(2, Ending::Exited(1), 8, &B, 0.5).unwrap();
+        r.retry(9).unwrap();
+        assert_eq!(r.max_attempts, 3);
         assert_eq!(
             Life::new(1, 0).retry(0),
             Err(Refused::NotNow(TaskState::Queued))

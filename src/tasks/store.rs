@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL,
     max_attempts INTEGER NOT NULL,
+    budget INTEGER NOT NULL,
     not_before_ms INTEGER NOT NULL,
     worker INTEGER,
     exit_code INTEGER,
@@ -77,6 +78,8 @@ pub struct TaskRow {
     pub priority: i32,
     pub attempts: u32,
     pub max_attempts: u32,
+    #[serde(skip)]
+    pub budget: u32,
     pub worker: Option<u32>,
     pub exit_code: Option<i32>,
     pub result: Option<serde_json::Value>,
@@ -101,6 +104,7 @@ impl TaskRow {
             state: self.state,
             attempts: self.attempts,
             max_attempts: self.max_attempts,
+            budget: self.budget,
             not_before_ms: self.not_before_ms,
             worker: self.worker,
             exit_code: self.exit_code,
@@ -159,16 +163,23 @@ pub struct Retry {
 
 const COLUMNS: &str = "id, state, priority, attempts, max_attempts, worker, exit_code, result, \
      error, submitted_at_ms, started_at_ms, finished_at_ms, argv, required, timeout_ms, after_id, \
-     unique_key, spec, not_before_ms";
+     unique_key, spec, not_before_ms, budget";
 
 fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
     let state: String = r.get(1)?;
     let result: Option<String> = r.get(7)?;
     let argv: String = r.get(12)?;
     let required: String = r.get(13)?;
+    let state = TaskState::parse(&state).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            1,
+            rusqlite::types::Type::Text,
+            format!("unknown task state {state:?}").into(),
+        )
+    })?;
     Ok(TaskRow {
         id: r.get(0)?,
-        state: TaskState::parse(&state).unwrap_or(TaskState::Failed),
+        state,
         priority: r.get(2)?,
         attempts: r.get(3)?,
         max_attempts: r.get(4)?,
@@ -187,6 +198,7 @@ fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
         unique: r.get(16)?,
         spec: r.get(17)?,
         not_before_ms: r.get::<_, i64>(18)? as u64,
+        budget: r.get(19)?,
     })
 }
 
@@ -213,6 +225,8 @@ impl Store {
         conn.execute_batch("PRAGMA synchronous = FULL;")
             .map_err(at)?;
         conn.execute_batch(SCHEMA).map_err(at)?;
+        // The tasks' arguments and results are the user's: like every state file, ours.
+        let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         Ok(Store { conn })
     }
 
@@ -238,18 +252,25 @@ impl Store {
             }
         }
         if let Some(after) = t.after {
-            let known: Option<i64> = tx
-                .query_row("SELECT id FROM tasks WHERE id = ?1", [after], |r| r.get(0))
+            let state: Option<String> = tx
+                .query_row("SELECT state FROM tasks WHERE id = ?1", [after], |r| {
+                    r.get(0)
+                })
                 .optional()?;
-            if known.is_none() {
-                return Err(StoreError::NoSuchTask(after));
+            match state.as_deref().and_then(TaskState::parse) {
+                None => return Err(StoreError::NoSuchTask(after)),
+                Some(s @ (TaskState::Failed | TaskState::Cancelled)) => {
+                    return Err(StoreError::Refused(Refused::NotNow(s)));
+                }
+                Some(_) => {}
             }
         }
-        let life = Life::new(t.max_attempts, now_ms + t.delay_ms);
+        let not_before = now_ms.saturating_add(t.delay_ms).min(i64::MAX as u64);
+        let life = Life::new(t.max_attempts, not_before);
         tx.execute(
             "INSERT INTO tasks (spec, argv, required, priority, timeout_ms, after_id, unique_key, \
-             state, attempts, max_attempts, not_before_ms, submitted_at_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10, ?11)",
+             state, attempts, max_attempts, budget, not_before_ms, submitted_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?9, ?10, ?11)",
             params![
                 t.spec,
                 serde_json::to_string(&t.argv).unwrap_or_default(),
@@ -332,20 +353,25 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let candidates: Vec<TaskRow> = {
-            let mut st = tx.prepare(&format!(
-                "SELECT {COLUMNS} FROM tasks WHERE state IN ('queued', 'retrying') \
-                 AND not_before_ms <= ?1 \
-                 AND (after_id IS NULL OR after_id IN (SELECT id FROM tasks WHERE state = 'succeeded')) \
-                 ORDER BY priority DESC, id LIMIT 256"
-            ))?;
-            st.query_map([now_ms as i64], row_of)?
-                .collect::<Result<_, _>>()?
-        };
-        let Some(mut row) = candidates
-            .into_iter()
-            .find(|t| t.required.iter().all(|c| capabilities.contains(c)))
-        else {
+        // Every required capability among the worker's, in SQL, so that many tasks this
+        // worker cannot run never hide one it can.
+        let caps = serde_json::to_string(capabilities).unwrap_or_else(|_| "[]".into());
+        let found = tx
+            .query_row(
+                &format!(
+                    "SELECT {COLUMNS} FROM tasks WHERE state IN ('queued', 'retrying') \
+                     AND not_before_ms <= ?1 \
+                     AND (after_id IS NULL \
+                          OR after_id IN (SELECT id FROM tasks WHERE state = 'succeeded')) \
+                     AND NOT EXISTS (SELECT 1 FROM json_each(tasks.required) \
+                                     WHERE value NOT IN (SELECT value FROM json_each(?2))) \
+                     ORDER BY priority DESC, id LIMIT 1"
+                ),
+                params![now_ms as i64, caps],
+                row_of,
+            )
+            .optional()?;
+        let Some(mut row) = found else {
             return Ok(None);
         };
         let mut life = row.life();
@@ -390,6 +416,9 @@ impl Store {
             "UPDATE tasks SET result = ?2 WHERE id = ?1",
             params![id, result],
         )?;
+        if state == TaskState::Failed {
+            cancel_dependents(&tx, id, "failed", now_ms)?;
+        }
         tx.execute(
             "UPDATE attempts SET finished_at_ms = ?3, exit_code = ?4, error = ?5 \
              WHERE task_id = ?1 AND n = ?2",
@@ -415,6 +444,7 @@ impl Store {
         let mut life = row.life();
         let worker = life.cancel(now_ms).map_err(StoreError::Refused)?;
         store_life(&tx, id, &life)?;
+        cancel_dependents(&tx, id, "was cancelled", now_ms)?;
         if worker.is_some() {
             tx.execute(
                 "UPDATE attempts SET finished_at_ms = ?3, error = 'cancelled' \
@@ -443,25 +473,67 @@ impl Store {
         };
         let mut out = Vec::new();
         for (id, attempt) in running {
-            let s = self.finish(
+            match self.finish(
                 id,
                 attempt,
                 Ending::Failed(why.to_string()),
                 None,
                 now_ms,
                 retry,
-            )?;
-            out.push((id, s));
+            ) {
+                Ok(s) => out.push((id, s)),
+                // Cancelled or finished meanwhile (a CLI's change): nothing to re-queue.
+                Err(StoreError::Refused(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }
 }
 
+/// The tasks waiting (`--after`) for one that will never succeed are cancelled, and theirs
+/// in turn, in the same transaction.
+fn cancel_dependents(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    what: &str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let mut work = vec![id];
+    let mut rounds = 0;
+    while let Some(parent) = work.pop() {
+        rounds += 1;
+        if rounds > 100_000 {
+            break; // a chain longer than any queue holds: stop rather than loop
+        }
+        let children: Vec<i64> = {
+            let mut st = tx.prepare(
+                "SELECT id FROM tasks WHERE after_id = ?1 AND state IN ('queued', 'retrying')",
+            )?;
+            st.query_map([parent], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        for c in children {
+            tx.execute(
+                "UPDATE tasks SET state = 'cancelled', finished_at_ms = ?2, error = ?3 \
+                 WHERE id = ?1",
+                params![
+                    c,
+                    now_ms as i64,
+                    format!("task {parent}, which it runs after, {what}")
+                ],
+            )?;
+            work.push(c);
+        }
+    }
+    Ok(())
+}
+
 fn store_life(tx: &rusqlite::Transaction<'_>, id: i64, l: &Life) -> Result<(), StoreError> {
     tx.execute(
         "UPDATE tasks SET state = ?2, attempts = ?3, max_attempts = ?4, not_before_ms = ?5, \
-         worker = ?6, exit_code = ?7, error = ?8, started_at_ms = ?9, finished_at_ms = ?10 \
-         WHERE id = ?1",
+         worker = ?6, exit_code = ?7, error = ?8, started_at_ms = ?9, finished_at_ms = ?10, \
+         budget = ?11 WHERE id = ?1",
         params![
             id,
             l.state.as_str(),
@@ -473,6 +545,7 @@ fn store_life(tx: &rusqlite::Transaction<'_>, id: i64, l: &Life) -> Result<(), S
             l.error,
             l.started_at_ms.map(|v| v as i64),
             l.finished_at_ms.map(|v| v as i64),
+            l.budget,
         ],
     )?;
     Ok(())
@@ -728,6 +801,78 @@ mod tests {
         let page = s.list(Some(TaskState::Cancelled), 0, 10).unwrap();
         assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), vec![q, r]);
         assert_eq!(s.list(None, q, 10).unwrap().len(), 1, "paged after an id");
+    }
+
+    #[test]
+    fn a_failed_task_cancels_what_waits_for_it_and_cannot_be_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("tasks.db")).unwrap();
+        let a = s
+            .submit(
+                &NewTask {
+                    max_attempts: 1,
+                    ..task(&["a"])
+                },
+                0,
+            )
+            .unwrap();
+        let b = s
+            .submit(
+                &NewTask {
+                    after: Some(a),
+                    ..task(&["b"])
+                },
+                0,
+            )
+            .unwrap();
+        let c = s
+            .submit(
+                &NewTask {
+                    after: Some(b),
+                    ..task(&["c"])
+                },
+                0,
+            )
+            .unwrap();
+        let (_, n) = s.claim(1, &[], 0).unwrap().unwrap();
+        assert_eq!(
+            s.finish(a, n, Ending::Exited(1), None, 5, &B).unwrap(),
+            TaskState::Failed
+        );
+        for id in [b, c] {
+            let t = s.get(id).unwrap();
+            assert_eq!(t.state, TaskState::Cancelled, "{t:?}");
+            assert!(t.error.unwrap().contains("runs after"));
+        }
+        assert_eq!(
+            s.submit(
+                &NewTask {
+                    after: Some(a),
+                    ..task(&["d"])
+                },
+                6
+            ),
+            Err(StoreError::Refused(Refused::NotNow(TaskState::Failed)))
+        );
+    }
+
+    #[test]
+    fn many_tasks_a_worker_cannot_run_never_hide_one_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("tasks.db")).unwrap();
+        for _ in 0..300 {
+            s.submit(
+                &NewTask {
+                    priority: 9,
+                    required: caps(&["gpu"]),
+                    ..task(&["g"])
+                },
+                0,
+            )
+            .unwrap();
+        }
+        let plain = s.submit(&task(&["p"]), 0).unwrap();
+        assert_eq!(s.claim(1, &caps(&["ssd"]), 0).unwrap().unwrap().0.id, plain);
     }
 
     #[test]
