@@ -130,7 +130,7 @@ pub struct CgroupFds {
 
 /// `struct clone_args` of clone3(2), up to `cgroup` (CLONE_ARGS_SIZE_VER2).
 #[repr(C)]
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct CloneArgs {
     flags: u64,
     pidfd: u64,
@@ -171,8 +171,14 @@ fn fork_into(
 ) -> (i32, Option<OwnedFd>, bool) {
     let into = cgroup.and_then(|c| c.dir);
     if into.is_some() || quiet {
-        let exit_signal = if quiet { 0 } else { libc::SIGCHLD as u64 };
-        let flags = CLONE_PIDFD | into.map_or(0, |_| CLONE_INTO_CGROUP);
+        let mut pidfd: i32 = -1;
+        let plain = CloneArgs {
+            flags: CLONE_PIDFD | into.map_or(0, |_| CLONE_INTO_CGROUP),
+            pidfd: &mut pidfd as *mut i32 as u64,
+            exit_signal: if quiet { 0 } else { libc::SIGCHLD as u64 },
+            cgroup: into.map_or(0, |fd| fd as u64),
+            ..CloneArgs::default()
+        };
         #[cfg(target_arch = "x86_64")]
         {
             let in_args = ChildArgs {
@@ -185,15 +191,11 @@ fn fork_into(
             };
             // u128: 16-byte aligned whatever the allocator, as the ABI wants the stack.
             let mut stack: Vec<u128> = Vec::with_capacity(CHILD_STACK / 16);
-            let mut pidfd: i32 = -1;
             let clone_args = CloneArgs {
-                flags: flags | CLONE_VM | CLONE_VFORK,
-                pidfd: &mut pidfd as *mut i32 as u64,
-                exit_signal,
+                flags: plain.flags | CLONE_VM | CLONE_VFORK,
                 stack: stack.as_mut_ptr() as u64,
                 stack_size: CHILD_STACK as u64,
-                cgroup: into.map_or(0, |fd| fd as u64),
-                ..CloneArgs::default()
+                ..plain
             };
             // SAFETY: every signal blocked while the child runs in our memory (it resets
             // the dispositions before it unblocks them), restored once it has exec'd. The
@@ -226,20 +228,12 @@ fn fork_into(
             }
             // An older kernel: try a plain clone3, then fork.
         }
-        let mut pidfd: i32 = -1;
-        let clone_args = CloneArgs {
-            flags,
-            pidfd: &mut pidfd as *mut i32 as u64,
-            exit_signal,
-            cgroup: into.map_or(0, |fd| fd as u64),
-            ..CloneArgs::default()
-        };
         // SAFETY: clone3 without CLONE_VM is fork with more arguments: the child gets a
         // copy of our (single-threaded) address space and runs only raw system calls.
         let pid = unsafe {
             libc::syscall(
                 libc::SYS_clone3,
-                &clone_args as *const CloneArgs,
+                &plain as *const CloneArgs,
                 std::mem::size_of::<CloneArgs>(),
             )
         } as i32;

@@ -57,15 +57,13 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
             .as_ref()
             .map_or(String::new(), |h| format!(", hosting {}", h.name()))
     );
+    // The hosted instance's next timer, as of the last poll.
+    let mut host_due: Option<Instant> = None;
     loop {
         let now = Instant::now();
-        // Whether the hosted instance has a timer due on this wake too (1 ms: the poll's
-        // timeout is in whole milliseconds).
-        let shared = wf
-            .host
-            .as_ref()
-            .and_then(|h| h.deadline())
-            .is_some_and(|t| t <= now + Duration::from_millis(1));
+        // Whether this wake is for one of the hosted instance's timers too (1 ms: the
+        // poll's timeout is in whole milliseconds).
+        let shared = host_due.is_some_and(|t| t <= now + Duration::from_millis(1));
         if heart.tick_shared(now, shared).is_some() {
             log.maybe_rotate();
             // Only a free workflow takes over a masterless cluster: its re-exec would drop
@@ -81,13 +79,12 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
             return Ok(());
         }
         let mut wake = heart.next_due();
-        if let Some(h) = &wf.host {
-            if let Some(t) = h.deadline() {
-                wake = wake.min(t);
-            }
-            if h.busy() {
-                wake = Instant::now();
-            }
+        host_due = wf.host.as_ref().and_then(|h| h.deadline());
+        if let Some(t) = host_due {
+            wake = wake.min(t);
+        }
+        if wf.host.as_ref().is_some_and(|h| h.busy()) {
+            wake = Instant::now();
         }
         poll_until(&mut wf.poll, &mut events, wake)?;
         // The program's exit first: its restart is the hot path, and its pipes' hang-ups

@@ -816,26 +816,29 @@ impl Host {
         }
         let now = mono_ms();
         let from_mono = |t: u64| now_i + Duration::from_millis(t.saturating_sub(now));
-        let mut d = vec![self.stop_check.deadline()];
-        d.extend(self.stopped_deadline);
-        if self.stats_dirty {
-            d.push(self.stats_chore().deadline());
-        }
-        d.extend(self.record.machine.phase.due().map(from_mono));
-        d.extend(self.ready_probe.as_ref().and_then(Prober::deadline));
-        d.extend(self.liveness.as_ref().and_then(Prober::deadline));
-        d.extend(self.streams.iter().filter_map(|(_, s)| s.partial_due()));
-        if let (Some(w), Some(last)) = (self.spec.watchdog_ms, self.last_watchdog)
-            && self.record.machine.phase.is_ready()
-        {
-            d.push(last + Duration::from_millis(w));
-        }
-        if let Some(l) = &self.live
-            && self.record.machine.policy.failed()
-        {
-            d.push(from_mono(l.started_mono + STABLE_RUN_MS));
-        }
-        d.into_iter().min()
+        let watchdog = match (self.spec.watchdog_ms, self.last_watchdog) {
+            (Some(w), Some(last)) if self.record.machine.phase.is_ready() => {
+                Some(last + Duration::from_millis(w))
+            }
+            _ => None,
+        };
+        let stable = (self.live.as_ref())
+            .filter(|_| self.record.machine.policy.failed())
+            .map(|l| from_mono(l.started_mono + STABLE_RUN_MS));
+        [
+            Some(self.stop_check.deadline()),
+            self.stopped_deadline,
+            self.stats_dirty.then(|| self.stats_chore().deadline()),
+            self.record.machine.phase.due().map(from_mono),
+            self.ready_probe.as_ref().and_then(Prober::deadline),
+            self.liveness.as_ref().and_then(Prober::deadline),
+            watchdog,
+            stable,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(self.streams.iter().filter_map(|(_, s)| s.partial_due()))
+        .min()
     }
 
     /// The timers: restarts and kills due, probes, watchdog silence, a stopped program,
@@ -1457,30 +1460,19 @@ fn peek_child() -> Option<i32> {
     }
 }
 
-/// How child `pid` ended, without reaping it.
 /// Whether the program is stopped by a signal. Our own child's stop is asked of the
 /// kernel (one waitid, which leaves the stop reportable); an adopted program's state is
 /// read from /proc, ten times the cost on this kind of machine.
 fn is_stopped(pid: i32, ours: bool) -> bool {
-    if ours {
-        // SAFETY: waitid writes a siginfo we own.
-        unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            let rc = libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WSTOPPED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL,
-            );
-            if rc == 0 {
-                return info.si_pid() == pid;
-            }
-        }
+    match ours.then(|| peek_wait(pid, libc::WSTOPPED)).flatten() {
+        Some(reported) => reported.is_some(),
+        None => procscan::state(pid) == Some('T'),
     }
-    procscan::state(pid) == Some('T')
 }
 
-fn peek_status(pid: i32) -> Option<Ended> {
+/// waitid for child `pid` without consuming what it reports (WNOWAIT, WNOHANG): None if
+/// the call failed (not our child), else the report if there is one.
+fn peek_wait(pid: i32, what: i32) -> Option<Option<libc::siginfo_t>> {
     // SAFETY: waitid writes a siginfo we own.
     unsafe {
         let mut info: libc::siginfo_t = std::mem::zeroed();
@@ -1488,15 +1480,19 @@ fn peek_status(pid: i32) -> Option<Ended> {
             libc::P_PID,
             pid as libc::id_t,
             &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT | libc::__WALL,
+            what | libc::WNOHANG | libc::WNOWAIT | libc::__WALL,
         );
-        if rc != 0 || info.si_pid() != pid {
-            return None;
-        }
-        let status = info.si_status();
-        Some(match info.si_code {
-            libc::CLD_EXITED => Ended::Code(status),
-            _ => Ended::Signal(status),
-        })
+        (rc == 0).then(|| (info.si_pid() == pid).then_some(info))
     }
+}
+
+/// How child `pid` ended, without reaping it.
+fn peek_status(pid: i32) -> Option<Ended> {
+    let info = peek_wait(pid, libc::WEXITED).flatten()?;
+    // SAFETY: a report of an ended child carries its status.
+    let status = unsafe { info.si_status() };
+    Some(match info.si_code {
+        libc::CLD_EXITED => Ended::Code(status),
+        _ => Ended::Signal(status),
+    })
 }

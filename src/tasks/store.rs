@@ -589,6 +589,13 @@ mod tests {
         }
     }
 
+    /// A new queue in a directory of its own (kept while the guard lives).
+    fn fresh() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("tasks.db")).unwrap();
+        (dir, s)
+    }
+
     fn caps(c: &[&str]) -> Vec<String> {
         c.iter().map(|s| s.to_string()).collect()
     }
@@ -640,8 +647,7 @@ mod tests {
 
     #[test]
     fn a_failed_attempt_is_retried_after_its_backoff_and_results_are_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("tasks.db")).unwrap();
+        let (_dir, mut s) = fresh();
         let id = s.submit(&task(&["x"]), 0).unwrap();
         let (_, a) = s.claim(1, &[], 0).unwrap().unwrap();
         assert_eq!(
@@ -680,8 +686,7 @@ mod tests {
 
     #[test]
     fn unique_keys_after_and_delay() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("tasks.db")).unwrap();
+        let (_dir, mut s) = fresh();
         let u = NewTask {
             unique: Some("nightly".into()),
             ..task(&["x"])
@@ -777,8 +782,7 @@ mod tests {
 
     #[test]
     fn cancel_a_queued_and_a_running_task() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("tasks.db")).unwrap();
+        let (_dir, mut s) = fresh();
         let q = s.submit(&task(&["x"]), 0).unwrap();
         let r = s
             .submit(
@@ -805,8 +809,7 @@ mod tests {
 
     #[test]
     fn a_failed_task_cancels_what_waits_for_it_and_cannot_be_waited_for() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("tasks.db")).unwrap();
+        let (_dir, mut s) = fresh();
         let a = s
             .submit(
                 &NewTask {
@@ -858,8 +861,7 @@ mod tests {
 
     #[test]
     fn many_tasks_a_worker_cannot_run_never_hide_one_it_can() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("tasks.db")).unwrap();
+        let (_dir, mut s) = fresh();
         for _ in 0..300 {
             s.submit(
                 &NewTask {
