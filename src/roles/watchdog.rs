@@ -102,6 +102,7 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
     log::info!("watchdog {} listening on {}", dog.ctx.slot, path.display());
 
     let mut probe = MasterProbe::new(&dog.ctx);
+    let mut pipes = crate::services::keeper::PipeKeeper::new(&dog.ctx.dir);
     let log = dog.ctx.log();
     let mut events = Events::with_capacity(64);
     loop {
@@ -109,6 +110,9 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
             log.maybe_rotate();
             if act_on_probe(&dog.ctx, &mut probe) {
                 return Ok(());
+            }
+            if !dog.ctx.config.services.is_empty() {
+                pipes.refresh();
             }
             // Nobody can reach a socket whose file was removed or replaced: exit, and the
             // master respawns us with a fresh one.

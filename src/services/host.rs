@@ -17,7 +17,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::child::{self, Ended, Program, Stdio};
 use crate::chore::Chore;
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::daemon::{DaemonCtx, Rng};
 use crate::ledger::{Appender, Cause, Event};
 use crate::procscan;
@@ -1436,10 +1436,11 @@ fn host_alive(dir: &RuntimeDir, h: HostRec) -> bool {
 }
 
 /// The communicators of the directory: they hold every program's output pipes.
+/// The daemons that keep every program's pipes open (see `keeper`).
 fn keepers(dir: &RuntimeDir) -> Vec<i32> {
     procscan::daemons_of(dir.path())
         .into_iter()
-        .filter(|f| f.slot.role == crate::config::Role::Communicator)
+        .filter(|f| matches!(f.slot.role, Role::Communicator | Role::Watchdog))
         .map(|f| f.pid)
         .collect()
 }

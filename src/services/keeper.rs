@@ -3,9 +3,13 @@
 //!
 //! A pipe whose last reader closes makes the writer's next write fail with SIGPIPE, which
 //! would kill the user's program because nexus lost a daemon. So every communicator (the
-//! master and the standbys) holds a read end of each program's stdout and stderr pipes,
-//! opened again through /proc from whoever holds one (the hosting workflow, or the program
-//! itself), and never reads from it: the bytes stay in the pipe for the successor to take.
+//! master and the standbys) and every watchdog holds a read end of each program's stdout
+//! and stderr pipes, opened again through /proc from whoever holds one (the hosting
+//! workflow, or the program itself), and never reads from it: the bytes stay in the pipe
+//! for the successor to take. Watchdogs too, so that the hosting workflow and both
+//! communicators failing together (a chaos run SIGKILLed the workflow and the standby
+//! while the master was stopped, and the master was then killed for it) still leave
+//! keepers.
 //! Refreshed each heartbeat from the instance records. An idle refresh costs two system
 //! calls whatever the number of programs: the records are read again only when their
 //! directory changed, and the programs' ends are learnt from their pidfds in one poll.
