@@ -101,11 +101,17 @@ fn hung_master_is_killed_by_the_standby_and_replaced() {
     );
     wait_until("old master gone", Duration::from_secs(5), || gone(old));
     c.wait_whole(10, Duration::from_secs(10));
-    let killed: Vec<_> = c
-        .events()
-        .into_iter()
-        .filter(|e| e["event"] == "killed" && e["pid"] == old)
-        .collect();
+    let killed_of = || -> Vec<_> {
+        c.events()
+            .into_iter()
+            .filter(|e| e["event"] == "killed" && e["pid"] == old)
+            .collect()
+    };
+    // The new master writes the ledger after it has taken over and refilled the slots.
+    wait_until("the kill recorded", Duration::from_secs(5), || {
+        !killed_of().is_empty()
+    });
+    let killed = killed_of();
     assert_eq!(killed.len(), 1, "{killed:?}");
     assert_eq!(killed[0]["cause"], "hang");
     wait_until("recovery recorded", Duration::from_secs(5), || {
