@@ -11,7 +11,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use std::collections::BTreeMap;
+
 use crate::services::spec::{InstanceName, Problems, ServiceSpec};
+use crate::tasks::settings::{Action, WorkerSpec};
 
 /// The three kinds of daemon the universal binary can become.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -103,6 +106,17 @@ pub struct Config {
         serialize_with = "serialize_services"
     )]
     pub services: Vec<ServiceSpec>,
+    /// Where the task queue lives (resolved by `start`: see tasks::settings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub actions: BTreeMap<String, Action>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<WorkerSpec>,
+    /// Finished tasks kept: at most this many...
+    pub task_retention_count: u64,
+    /// ...and none finished longer ago than this.
+    pub task_retention_ms: u64,
 }
 
 fn serialize_services<S: serde::Serializer>(v: &[ServiceSpec], s: S) -> Result<S::Ok, S::Error> {
@@ -132,6 +146,11 @@ impl Default for Config {
             log_files: 3,
             runtime_dir: None,
             services: Vec::new(),
+            state_dir: None,
+            actions: BTreeMap::new(),
+            workers: Vec::new(),
+            task_retention_count: 10_000,
+            task_retention_ms: 7 * 86_400_000,
         }
     }
 }
@@ -188,6 +207,30 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "services",
         "the programs the workflows run: a list of objects (see below)",
+    ),
+    (
+        "state_dir",
+        "where the task queue (tasks.db) and task logs live; default /var/lib/nexus (root) or ~/.local/state/nexus",
+    ),
+    (
+        "actions",
+        "named task commands: {\"train\": {\"command\": [...], ...}} (see below)",
+    ),
+    (
+        "workers",
+        "what the free workflows offer tasks: [{\"workflows\": [1, 2], \"capabilities\": [\"gpu\"], \"concurrency\": 2}]",
+    ),
+    (
+        "task_retention_count",
+        "finished tasks kept (the oldest beyond are pruned, logs too; 1-10000000)",
+    ),
+    (
+        "task_retention_ms",
+        "finished tasks older than this are pruned, in ms (60000-31536000000; default 7 days)",
+    ),
+    (
+        "queue_url",
+        "postgres://... to share one queue between hosts (not built yet: refused)",
     ),
 ];
 
@@ -259,6 +302,10 @@ impl Config {
         for (key, value) in &map {
             if key == "services" {
                 cfg.services = crate::services::spec::parse_services(value, &mut problems);
+            } else if key == "actions" {
+                cfg.actions = crate::tasks::settings::parse_actions(value, &mut problems);
+            } else if key == "workers" {
+                cfg.workers = crate::tasks::settings::parse_workers(value, &mut problems);
             } else if let Err(e) = cfg.set(key, value) {
                 problems.push(e.0);
             }
@@ -312,6 +359,27 @@ impl Config {
             "restart_period_ms" => self.restart_period_ms = millis(key, value, 1, 86_400_000)?,
             "log_max_bytes" => self.log_max_bytes = millis(key, value, 10_000, 100_000_000_000)?,
             "log_files" => self.log_files = count(key, value, 1, 100)?,
+            "task_retention_count" => {
+                self.task_retention_count = whole_number(key, value, 1, 10_000_000)?
+            }
+            "task_retention_ms" => {
+                self.task_retention_ms = millis(key, value, 60_000, 31_536_000_000)?
+            }
+            "state_dir" => match value {
+                Value::String(s) if s.starts_with('/') => self.state_dir = Some(PathBuf::from(s)),
+                Value::String(s) if !s.is_empty() => {
+                    return Err(ConfigError(format!(
+                        "`state_dir` must be an absolute path, got {s:?}"
+                    )));
+                }
+                Value::Null => self.state_dir = None,
+                other => return Err(type_error(key, "an absolute path string", other)),
+            },
+            "queue_url" => {
+                return Err(ConfigError(
+                    "`queue_url`: the PostgreSQL queue is not built yet; remove the key to keep the queue in SQLite under `state_dir`".into(),
+                ));
+            }
             "runtime_dir" => match value {
                 Value::String(s) if !s.is_empty() => self.runtime_dir = Some(PathBuf::from(s)),
                 Value::Null => self.runtime_dir = None,
@@ -340,6 +408,14 @@ impl Config {
                 "`backoff_max_ms` ({}) must not be below `backoff_initial_ms` ({})",
                 self.backoff_max_ms, self.backoff_initial_ms
             ));
+        }
+        for (i, w) in self.workers.iter().enumerate() {
+            if let Some(id) = w.workflows.iter().find(|&&id| id > self.workflows) {
+                problems.push(format!(
+                    "`workers[{i}].workflows` names workflow {id}, but `workflows` is {}",
+                    self.workflows
+                ));
+            }
         }
         let instances: u64 = self.services.iter().map(|s| u64::from(s.instances)).sum();
         if instances > u64::from(self.workflows) {

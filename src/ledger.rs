@@ -51,6 +51,11 @@ pub struct Event {
     pub code: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub signal: Option<i32>,
+    /// A task's event: its id and attempt (`workflow` is then its worker, `code` its exit).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub task: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub attempt: Option<u32>,
 }
 
 impl Event {

@@ -18,8 +18,6 @@ mod roles;
 mod runtime_dir;
 mod services;
 mod spawn;
-// Not used by the daemons yet: see tasks/mod.rs.
-#[cfg_attr(not(test), allow(dead_code))]
 mod tasks;
 
 use std::path::PathBuf;
@@ -54,7 +52,11 @@ Usage:
   nexus restart ROLE-ID                               replace one daemon on purpose (the master hands over)
   nexus service start|stop|restart NAME[-N]           a service (every instance) or one instance; waits until done
   nexus pid     NAME                                  the pid of a daemon (workflow-3) or a program (web-1)
-  nexus events  [-n N] [--json] [--follow]            the event ledger (last 20 by default)
+  nexus events  [-n N] [--event TYPE] [--json] [--follow]
+                                                      the event ledger (last 20 by default); --event
+                                                      keeps one type (task_failed, respawned, ...)
+  nexus task    submit|status|list|cancel|retry|wait|logs ...
+                                                      the task queue: `nexus task help` says more
   nexus chaos   [--duration S] [--interval S] [--roles R,R] [--signal kill|stop|mixed] [--services]
                                                       kill random daemons (--services: and programs),
                                                       then check every failure was recovered exactly
@@ -128,6 +130,9 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
         return Ok(2);
     };
     let mut common = Common::default();
+    if cmd == "task" {
+        return Ok(commands::task::run(&common, rest)?);
+    }
     let mut json = false;
     let mut follow = false;
     let mut watch = false;
@@ -140,6 +145,7 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
     let mut signal = commands::chaos::SignalMode::Kill;
     let mut services = false;
     let mut id = None;
+    let mut event = None;
     let mut positional = Vec::new();
     let mut it = Args { rest: rest.iter() };
     while let Some(arg) = it.rest.next() {
@@ -183,6 +189,7 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
             }
             "--id" => id = Some(it.value(arg)?.to_string()),
             "--services" => services = true,
+            "--event" => event = Some(it.value(arg)?.to_string()),
             "-h" | "--help" => {
                 print!("{USAGE}");
                 return Ok(0);
@@ -272,7 +279,15 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
         }
         "events" => {
             no_positional(&positional)?;
-            commands::events::run(&common, &commands::events::Options { last, json, follow })?;
+            commands::events::run(
+                &common,
+                &commands::events::Options {
+                    last,
+                    json,
+                    follow,
+                    event,
+                },
+            )?;
             Ok(0)
         }
         "chaos" => {

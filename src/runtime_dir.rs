@@ -117,6 +117,11 @@ impl RuntimeDir {
         self.path.join("control.sock")
     }
 
+    /// The task queue's socket, served by the master's queue thread.
+    pub fn tasks_socket(&self) -> PathBuf {
+        self.path.join("tasks.sock")
+    }
+
     pub fn heartbeat_socket(&self, watchdog_id: u32) -> PathBuf {
         self.path.join(format!("heartbeat_{watchdog_id}.sock"))
     }

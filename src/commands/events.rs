@@ -10,6 +10,8 @@ pub struct Options {
     pub last: usize,
     pub json: bool,
     pub follow: bool,
+    /// Only events of this type (`task_failed`, `respawned`, …).
+    pub event: Option<String>,
 }
 
 #[inline(never)]
@@ -21,7 +23,12 @@ pub fn run(common: &Common, opts: &Options) -> Result<(), String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && opts.follow => String::new(),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    let lines: Vec<&str> = text.lines().collect();
+    let wanted = |line: &str| {
+        opts.event
+            .as_deref()
+            .is_none_or(|want| serde_json::from_str::<Event>(line).is_ok_and(|e| e.event == want))
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| wanted(l)).collect();
     for line in &lines[lines.len().saturating_sub(opts.last)..] {
         print_line(line, opts.json);
     }
@@ -50,7 +57,9 @@ pub fn run(common: &Common, opts: &Options) -> Result<(), String> {
         partial.push_str(&chunk);
         while let Some(nl) = partial.find('\n') {
             let line: String = partial.drain(..=nl).collect();
-            print_line(line.trim_end(), opts.json);
+            if wanted(line.trim_end()) {
+                print_line(line.trim_end(), opts.json);
+            }
         }
     }
 }
@@ -72,6 +81,12 @@ fn print_line(line: &str, json: bool) {
         (Some(s), Some(n)) => out.push_str(&format!(" {s}-{n}")),
         (Some(s), None) => out.push_str(&format!(" {s}")),
         _ => {}
+    }
+    if let Some(t) = ev.task {
+        out.push_str(&format!(" task {t}"));
+        if let Some(a) = ev.attempt {
+            out.push_str(&format!(" attempt {a}"));
+        }
     }
     if let Some(w) = ev.workflow {
         out.push_str(&format!(" (workflow-{w})"));

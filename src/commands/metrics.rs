@@ -195,6 +195,9 @@ pub fn render(s: &Snapshot) -> String {
     if !s.services.is_empty() {
         render_services(&mut out, s);
     }
+    if let Some(t) = &s.tasks {
+        render_tasks(&mut out, t);
+    }
     out
 }
 
@@ -303,6 +306,56 @@ fn render_services(out: &mut String, s: &Snapshot) {
                 out,
                 "nexus_service_probe_duration_seconds_count{{{l}}} {}",
                 st.runs
+            );
+        }
+    }
+}
+
+fn render_tasks(out: &mut String, t: &serde_json::Value) {
+    family(
+        out,
+        "nexus_tasks_available",
+        "gauge",
+        "Whether the task queue's database is usable.",
+    );
+    let _ = writeln!(
+        out,
+        "nexus_tasks_available {}",
+        u8::from(t["available"] == true)
+    );
+    if let Some(c) = t["counts"].as_object() {
+        family(out, "nexus_tasks", "gauge", "Tasks in the queue by state.");
+        for (state, n) in c {
+            let _ = writeln!(out, "nexus_tasks{{state=\"{state}\"}} {n}");
+        }
+    }
+    if let Some(ws) = t["workers"].as_array() {
+        family(
+            out,
+            "nexus_worker_running",
+            "gauge",
+            "Tasks each worker runs now.",
+        );
+        for w in ws {
+            let _ = writeln!(
+                out,
+                "nexus_worker_running{{worker=\"{}\"}} {}",
+                w["worker"].as_str().unwrap_or(""),
+                w["running"]
+            );
+        }
+        family(
+            out,
+            "nexus_worker_concurrency",
+            "gauge",
+            "Tasks each worker may run at once.",
+        );
+        for w in ws {
+            let _ = writeln!(
+                out,
+                "nexus_worker_concurrency{{worker=\"{}\"}} {}",
+                w["worker"].as_str().unwrap_or(""),
+                w["concurrency"]
             );
         }
     }

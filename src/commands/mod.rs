@@ -15,6 +15,7 @@ pub mod start;
 pub mod status;
 pub mod steer;
 pub mod stop;
+pub mod task;
 
 use std::path::{Path, PathBuf};
 

@@ -57,6 +57,13 @@ pub fn run(common: &Common, foreground: bool) -> Result<(), String> {
     dir.remove_sockets();
     let _ = std::fs::remove_file(dir.stopping_marker());
     crate::services::state::reset(&dir);
+    let mut cfg = cfg;
+    let state_dir = cfg
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| crate::tasks::settings::default_state_dir(dir.path()));
+    prepare_state_dir(&state_dir)?;
+    cfg.state_dir = Some(state_dir);
     dir.write_config(&cfg)
         .map_err(|e| format!("cannot write {}: {e}", dir.config_file().display()))?;
 
@@ -207,5 +214,43 @@ fn stay_in_foreground(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(())
+}
+
+/// The task queue's directory: created (0700) if missing, and it must be ours and usable,
+/// or start refuses with the reason (a queue that cannot be written loses tasks).
+fn prepare_state_dir(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if !path.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(|e| format!("cannot create the state directory {}: {e}", path.display()))?;
+    }
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot use the state directory {}: {e}", path.display()))?;
+    if !meta.is_dir() {
+        return Err(format!(
+            "the state directory {} is not a directory",
+            path.display()
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if meta.uid() != unsafe { libc::geteuid() } {
+        return Err(format!(
+            "the state directory {} belongs to uid {}, not to us: choose another `state_dir`",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    let probe = path.join(".nexus-write-test");
+    std::fs::write(&probe, b"").map_err(|e| {
+        format!(
+            "cannot write in the state directory {}: {e}",
+            path.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(probe);
     Ok(())
 }

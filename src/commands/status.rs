@@ -66,6 +66,8 @@ pub struct Snapshot {
     pub services_ready: bool,
     /// One row per service instance (schema 2).
     pub services: Vec<super::services_view::ServiceRow>,
+    /// The task queue: `available`, `error`, `counts` by state, `workers` with their load.
+    pub tasks: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -117,6 +119,7 @@ pub fn snapshot(dir: &RuntimeDir) -> Result<Snapshot, String> {
         heartbeats_received: ages.received,
         watchdogs: ages.per_watchdog,
         counters: report.counters,
+        tasks: super::task::overview(dir),
     })
 }
 
@@ -344,6 +347,9 @@ fn render(s: &Snapshot, colour: bool) -> String {
         "* master. hb: the freshest heartbeat any watchdog heard from that pid."
     );
     out.push_str(&super::services_view::render(&s.services, &paint));
+    if let Some(t) = &s.tasks {
+        out.push_str(&super::task::render_overview(t));
+    }
     out
 }
 

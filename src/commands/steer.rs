@@ -56,7 +56,19 @@ pub fn reload(common: &Common) -> Result<(), String> {
         .load_checked_config()
         .map_err(|e| format!("{e}; the running cluster is untouched"))?;
     let dir = RuntimeDir::resolve(common.runtime_dir.as_deref(), cfg.runtime_dir.as_deref());
-    running_config(&dir)?;
+    let running = running_config(&dir)?;
+    let mut cfg = cfg;
+    // The queue stays where it is: moving it under running workers would lose tasks.
+    match (&cfg.state_dir, &running.state_dir) {
+        (None, old) => cfg.state_dir = old.clone(),
+        (Some(new), Some(old)) if new != old => {
+            return Err(format!(
+                "`state_dir` cannot change while the cluster runs (it is {}); stop it first; the running cluster is untouched",
+                old.display()
+            ));
+        }
+        _ => {}
+    }
     apply(&dir, &cfg)
 }
 

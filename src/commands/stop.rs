@@ -109,7 +109,14 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
     }
     // A program whose workflow had to be killed, or whose tree outlived its stop: nothing
     // of a service survives ./stop.
-    let programs = sweep_programs(dir);
+    let mut programs = sweep_programs(dir);
+    // Tasks' processes too (their workers stop them; this catches what escaped).
+    if let Ok(cfg) = crate::config::Config::load(&dir.config_file())
+        && let Some(state) = cfg.state_dir
+        && state.join("tasks.db").exists()
+    {
+        programs += crate::tasks::queue::kill_all_tasks(&state);
+    }
     dir.remove_sockets();
     let _ = std::fs::remove_file(&marker);
     if !members.is_empty() {

@@ -175,7 +175,7 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         };
         match next {
             Next::Continue => {}
-            Next::Apply(cfg) => comm.apply_config(cfg)?,
+            Next::Apply(cfg) => comm.apply_config(*cfg)?,
             Next::HandOver => {
                 log::info!("restart requested: handing over to a standby");
                 comm.terminate();

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::daemon::{DaemonCtx, Heartbeater, MasterProbe, Signals, act_on_probe, poll_until};
 use crate::services::host::{self, Host, HostState};
 use crate::services::spec::{InstanceName, ServiceSpec};
+use crate::tasks::worker::TaskWorker;
 
 const SIGNALS: Token = Token(0);
 
@@ -22,10 +23,14 @@ struct Workflow {
     ctx: DaemonCtx,
     poll: Poll,
     host: Option<Host>,
+    /// Runs tasks from the queue while no service is hosted.
+    worker: Option<TaskWorker>,
     /// Hosted next, once the current host has finished stopping (a reassignment).
     next: Option<(ServiceSpec, InstanceName)>,
     /// A termination signal arrived: exit once the host has finished.
     terminating: bool,
+    /// When the draining worker's tasks are killed for good.
+    worker_grace: Option<Instant>,
 }
 
 pub fn run(ctx: DaemonCtx) -> Result<(), String> {
@@ -43,11 +48,15 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         ctx,
         poll,
         host: None,
+        worker: None,
         next: None,
         terminating: false,
+        worker_grace: None,
     };
     if let Some((spec, name)) = wf.assigned() {
         wf.host_instance(&spec, name)?;
+    } else {
+        wf.worker = Some(TaskWorker::new(&wf.ctx, &wf.poll));
     }
     let mut events = Events::with_capacity(64);
     log::info!(
@@ -75,12 +84,24 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         if let Some(h) = wf.host.as_mut() {
             h.tick(&wf.poll);
         }
+        if let Some(w) = wf.worker.as_mut() {
+            w.tick(&wf.poll);
+        }
+        if wf.after_worker_events() {
+            return Ok(());
+        }
         if wf.after_host_events()? {
             return Ok(());
         }
         let mut wake = heart.next_due();
         host_due = wf.host.as_ref().and_then(|h| h.deadline());
         if let Some(t) = host_due {
+            wake = wake.min(t);
+        }
+        if let Some(t) = wf.worker.as_ref().and_then(|w| w.deadline()) {
+            wake = wake.min(t);
+        }
+        if let Some(t) = wf.worker_grace.filter(|_| wf.worker.is_some()) {
             wake = wake.min(t);
         }
         if wf.host.as_ref().is_some_and(|h| h.busy()) {
@@ -98,7 +119,11 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
             if event.token() == host::T_MAIN {
                 continue;
             }
-            if event.token() == SIGNALS {
+            if TaskWorker::owns(event.token()) {
+                if let Some(w) = wf.worker.as_mut() {
+                    w.on_event(&wf.poll, event.token());
+                }
+            } else if event.token() == SIGNALS {
                 if signals.drain() && !wf.terminating {
                     wf.on_terminate();
                 }
@@ -132,10 +157,13 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
         if let Some(h) = wf.host.as_mut() {
             h.pump_more(&wf.poll);
         }
+        if wf.after_worker_events() {
+            return Ok(());
+        }
         if wf.after_host_events()? {
             return Ok(());
         }
-        if wf.terminating && wf.host.is_none() {
+        if wf.terminating && wf.host.is_none() && wf.worker.is_none() {
             log::info!("terminating on signal");
             return Ok(());
         }
@@ -167,6 +195,12 @@ impl Workflow {
     /// gone; otherwise hand it over (it keeps running; the successor adopts it).
     fn on_terminate(&mut self) {
         self.terminating = true;
+        if let Some(w) = self.worker.as_mut() {
+            // Its tasks get SIGTERM now and SIGKILL at the grace's end; the queue re-queues
+            // them when our connection ends.
+            w.drain(&self.poll);
+            self.worker_grace = Some(std::time::Instant::now() + self.grace_for_tasks());
+        }
         let Some(h) = self.host.as_mut() else {
             return;
         };
@@ -200,10 +234,42 @@ impl Workflow {
                 }
                 self.next = new;
             }
-            (None, Some((spec, name))) => self.host_instance(&spec, name)?,
+            (None, Some((spec, name))) => {
+                if let Some(mut w) = self.worker.take() {
+                    // Hosting needs the workflow to itself: its tasks end (and are re-queued).
+                    w.drain(&self.poll);
+                    w.kill_all();
+                }
+                self.host_instance(&spec, name)?
+            }
             (None, None) => {}
         }
         Ok(())
+    }
+
+    fn grace_for_tasks(&self) -> Duration {
+        // The master SIGKILLs us at stop_grace_ms: our tasks must be gone before that.
+        Duration::from_millis(self.ctx.config.stop_grace_ms.saturating_mul(3) / 4)
+    }
+
+    /// A draining worker whose tasks are gone (or whose grace is over) goes. True: exit.
+    fn after_worker_events(&mut self) -> bool {
+        let Some(w) = self.worker.as_mut() else {
+            return false;
+        };
+        if !self.terminating {
+            return false;
+        }
+        if !w.idle() && self.worker_grace.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        w.kill_all();
+        self.worker = None;
+        if self.host.is_none() {
+            log::info!("terminating on signal");
+            return true;
+        }
+        false
     }
 
     /// A host that has finished goes; a reassignment waiting for it starts. True: exit.

@@ -96,8 +96,11 @@ pub struct Life {
 pub enum Ending {
     /// The program exited with this code (0 is success).
     Exited(i32),
-    /// It could not start, was killed at its timeout, or its worker died or hung.
+    /// It could not start, or was killed at its timeout.
     Failed(String),
+    /// Its worker died or hung, or never confirmed the start: not the task's fault, so it
+    /// is re-queued at once (no backoff), but the attempt counts.
+    Lost(String),
 }
 
 /// Why a transition was refused.
@@ -179,10 +182,11 @@ impl Life {
                 got: attempt,
             });
         }
-        self.worker = None;
+        // `worker` stays: who ran the last attempt.
+        let lost = matches!(ending, Ending::Lost(_));
         let (code, error) = match ending {
             Ending::Exited(c) => (Some(c), (c != 0).then(|| format!("exited with status {c}"))),
-            Ending::Failed(e) => (None, Some(e)),
+            Ending::Failed(e) | Ending::Lost(e) => (None, Some(e)),
         };
         self.exit_code = code;
         self.error = error;
@@ -190,7 +194,11 @@ impl Life {
             self.finished_at_ms = Some(now_ms);
             TaskState::Succeeded
         } else if self.attempts < self.max_attempts {
-            self.not_before_ms = now_ms + backoff.delay_ms(self.attempts, jitter);
+            self.not_before_ms = if lost {
+                now_ms
+            } else {
+                now_ms + backoff.delay_ms(self.attempts, jitter)
+            };
             TaskState::Retrying
         } else {
             self.finished_at_ms = Some(now_ms);
@@ -282,6 +290,36 @@ mod tests {
         assert_eq!(l.attempts, 3);
         assert_eq!(l.finished_at_ms, Some(5000));
         assert_eq!(l.start(1, 9999), Err(Refused::NotNow(TaskState::Failed)));
+    }
+
+    #[test]
+    fn a_lost_worker_requeues_at_once_with_the_attempt_counted() {
+        let mut l = Life::new(2, 0);
+        l.start(1, 0).unwrap();
+        assert_eq!(
+            l.end(
+                1,
+                Ending::Lost("worker workflow-1 died".into()),
+                50,
+                &B,
+                0.9
+            ),
+            Ok(TaskState::Retrying)
+        );
+        assert_eq!(l.not_before_ms, 50, "no backoff: not the task's fault");
+        assert!(l.runnable(50));
+        assert_eq!(l.start(2, 50), Ok(2));
+        assert_eq!(
+            l.end(
+                2,
+                Ending::Lost("worker workflow-2 died".into()),
+                60,
+                &B,
+                0.9
+            ),
+            Ok(TaskState::Failed),
+            "still bounded by max_attempts"
+        );
     }
 
     #[test]

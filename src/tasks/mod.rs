@@ -1,6 +1,17 @@
-//! The task queue (issue 8), landing in steps. This step: a task's life as a pure state
-//! machine. The store (SQLite, then PostgreSQL), the workers and the CLI come next; until
-//! they use it, only the tests do.
+//! The task queue: a durable priority queue that the free workflows execute.
+//!
+//! - `lifecycle`: a task's life, a pure state machine; `scheduler`: who gets the next task,
+//!   and why a task waits (pure).
+//! - `store`: SQLite (WAL) in the state directory; `settings`: the config's task keys.
+//! - `queue`: the owner of the queue, a thread of the master serving `tasks.sock`.
+//! - `worker`: a free workflow running tasks; `wire`: the messages between them and the
+//!   CLI; `view`: a task as JSON.
 
 pub mod lifecycle;
+pub mod queue;
+pub mod scheduler;
+pub mod settings;
 pub mod store;
+pub mod view;
+pub mod wire;
+pub mod worker;

@@ -1,9 +1,11 @@
 //! The queue's durable store: SQLite in the state directory.
 //!
-//! WAL with `synchronous = FULL`: a submit is acknowledged only once its row is on disk,
-//! so it survives a power cut as well as SIGKILL of every nexus process (WAL with
-//! `NORMAL` survives any process's death but may lose the last commits on power loss; a
-//! queue's promise is that an acknowledged task is never lost). Every change is one
+//! WAL. A submit, cancel or retry is committed with `synchronous = FULL`: it is
+//! acknowledged only once its row is on disk, so it survives a power cut as well as
+//! SIGKILL of every nexus process. The queue owner's own transitions (claim, a result)
+//! are committed with `NORMAL`: they survive the death of any process, and a power cut
+//! can only lose the last of them, which re-runs a task (at-least-once) but never loses
+//! one; that saves an fsync per task on the dispatch path. Every change is one
 //! `BEGIN IMMEDIATE` transaction, so the master's dispatch and a CLI's submit or cancel
 //! never interleave; readers are never blocked (WAL).
 //!
@@ -38,7 +40,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     error TEXT,
     submitted_at_ms INTEGER NOT NULL,
     started_at_ms INTEGER,
-    finished_at_ms INTEGER
+    finished_at_ms INTEGER,
+    cwd TEXT,
+    pid INTEGER,
+    worker_pid INTEGER
 );
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, priority DESC, id);
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_live_unique ON tasks (unique_key)
@@ -68,6 +73,7 @@ pub struct NewTask {
     pub delay_ms: u64,
     pub after: Option<i64>,
     pub unique: Option<String>,
+    pub cwd: Option<String>,
 }
 
 /// A task as stored: the shape of `task status --json`.
@@ -96,6 +102,14 @@ pub struct TaskRow {
     pub spec: String,
     #[serde(skip)]
     pub not_before_ms: u64,
+    #[serde(skip)]
+    pub cwd: Option<String>,
+    /// The current attempt's program (its process group), once its worker confirmed it.
+    #[serde(skip)]
+    pub pid: Option<i32>,
+    /// The worker's pid when the attempt was handed to it.
+    #[serde(skip)]
+    pub worker_pid: Option<i32>,
 }
 
 impl TaskRow {
@@ -153,6 +167,26 @@ pub struct Store {
     conn: Connection,
 }
 
+/// How a connection commits (see the module's comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync at each commit: the CLI's acknowledged changes.
+    Full,
+    /// Durable against any process's death: the queue owner's transitions.
+    Normal,
+}
+
+/// One attempt of a task, as kept.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AttemptRow {
+    pub attempt: u32,
+    pub worker: u32,
+    pub started_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+}
+
 /// How a failed attempt is retried: the backoff and this decision's random jitter in
 /// [0, 1) (passed in, so tests can pin it).
 #[derive(Debug, Clone, Copy)]
@@ -163,7 +197,7 @@ pub struct Retry {
 
 const COLUMNS: &str = "id, state, priority, attempts, max_attempts, worker, exit_code, result, \
      error, submitted_at_ms, started_at_ms, finished_at_ms, argv, required, timeout_ms, after_id, \
-     unique_key, spec, not_before_ms, budget";
+     unique_key, spec, not_before_ms, budget, cwd, pid, worker_pid";
 
 fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
     let state: String = r.get(1)?;
@@ -199,12 +233,19 @@ fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
         spec: r.get(17)?,
         not_before_ms: r.get::<_, i64>(18)? as u64,
         budget: r.get(19)?,
+        cwd: r.get(20)?,
+        pid: r.get(21)?,
+        worker_pid: r.get(22)?,
     })
 }
 
 impl Store {
     /// Opens (creating) the queue at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with(path, Durability::Full)
+    }
+
+    pub fn open_with(path: &Path, durability: Durability) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", dir.display())))?;
@@ -222,12 +263,25 @@ impl Store {
                 path.display()
             )));
         }
-        conn.execute_batch("PRAGMA synchronous = FULL;")
-            .map_err(at)?;
+        conn.execute_batch(match durability {
+            Durability::Full => "PRAGMA synchronous = FULL;",
+            // A bounded page cache: the master is a small daemon.
+            Durability::Normal => "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -512;",
+        })
+        .map_err(at)?;
         conn.execute_batch(SCHEMA).map_err(at)?;
         // The tasks' arguments and results are the user's: like every state file, ours.
         let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         Ok(Store { conn })
+    }
+
+    /// Switches how this connection commits, for what follows.
+    pub fn set_durability(&self, d: Durability) -> Result<(), StoreError> {
+        self.conn.execute_batch(match d {
+            Durability::Full => "PRAGMA synchronous = FULL;",
+            Durability::Normal => "PRAGMA synchronous = NORMAL;",
+        })?;
+        Ok(())
     }
 
     /// Stores a new task, queued: its id.
@@ -269,8 +323,8 @@ impl Store {
         let life = Life::new(t.max_attempts, not_before);
         tx.execute(
             "INSERT INTO tasks (spec, argv, required, priority, timeout_ms, after_id, unique_key, \
-             state, attempts, max_attempts, budget, not_before_ms, submitted_at_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?9, ?10, ?11)",
+             state, attempts, max_attempts, budget, not_before_ms, submitted_at_ms, cwd) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?9, ?10, ?11, ?12)",
             params![
                 t.spec,
                 serde_json::to_string(&t.argv).unwrap_or_default(),
@@ -283,6 +337,7 @@ impl Store {
                 life.max_attempts,
                 life.not_before_ms as i64,
                 now_ms as i64,
+                t.cwd,
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -347,6 +402,7 @@ impl Store {
     pub fn claim(
         &mut self,
         worker: u32,
+        worker_pid: i32,
         capabilities: &[String],
         now_ms: u64,
     ) -> Result<Option<(TaskRow, u32)>, StoreError> {
@@ -361,8 +417,8 @@ impl Store {
                 &format!(
                     "SELECT {COLUMNS} FROM tasks WHERE state IN ('queued', 'retrying') \
                      AND not_before_ms <= ?1 \
-                     AND (after_id IS NULL \
-                          OR after_id IN (SELECT id FROM tasks WHERE state = 'succeeded')) \
+                     AND (after_id IS NULL OR EXISTS (SELECT 1 FROM tasks p \
+                          WHERE p.id = tasks.after_id AND p.state = 'succeeded')) \
                      AND NOT EXISTS (SELECT 1 FROM json_each(tasks.required) \
                                      WHERE value NOT IN (SELECT value FROM json_each(?2))) \
                      ORDER BY priority DESC, id LIMIT 1"
@@ -378,11 +434,18 @@ impl Store {
         let attempt = life.start(worker, now_ms).map_err(StoreError::Refused)?;
         store_life(&tx, row.id, &life)?;
         tx.execute(
-            "INSERT INTO attempts (task_id, n, worker, started_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            "UPDATE tasks SET pid = NULL, worker_pid = ?2 WHERE id = ?1",
+            params![row.id, worker_pid],
+        )?;
+        tx.execute(
+            "INSERT OR REPLACE INTO attempts (task_id, n, worker, started_at_ms) \
+             VALUES (?1, ?2, ?3, ?4)",
             params![row.id, attempt, worker, now_ms as i64],
         )?;
         tx.commit()?;
         apply(&mut row, &life);
+        row.pid = None;
+        row.worker_pid = Some(worker_pid);
         Ok(Some((row, attempt)))
     }
 
@@ -456,6 +519,147 @@ impl Store {
         Ok(worker)
     }
 
+    /// The worker confirmed that attempt `attempt` runs as process (group) `pid`. False:
+    /// that attempt is no longer the current running one (a late confirmation).
+    pub fn started(&mut self, id: i64, attempt: u32, pid: i32) -> Result<bool, StoreError> {
+        let n = self.conn.execute(
+            "UPDATE tasks SET pid = ?3 WHERE id = ?1 AND attempts = ?2 AND state = 'running'",
+            params![id, attempt, pid],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Every running task: id, attempt, worker, worker pid, program pid.
+    #[allow(clippy::type_complexity)]
+    pub fn running(&self) -> Result<Vec<(i64, u32, u32, Option<i32>, Option<i32>)>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, attempts, worker, worker_pid, pid FROM tasks WHERE state = 'running'",
+        )?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get::<_, Option<u32>>(2)?.unwrap_or(0),
+                    r.get(3)?,
+                    r.get(4)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// When the next waiting task (delayed, or backing off) becomes runnable, if later
+    /// than `now_ms`.
+    pub fn next_due_ms(&self, now_ms: u64) -> Result<Option<u64>, StoreError> {
+        let v: Option<i64> = self.conn.query_row(
+            "SELECT MIN(not_before_ms) FROM tasks WHERE state IN ('queued', 'retrying') \
+             AND not_before_ms > ?1",
+            [now_ms as i64],
+            |r| r.get(0),
+        )?;
+        Ok(v.map(|v| v as u64))
+    }
+
+    /// Whether any task waits to be run now (by someone).
+    pub fn any_runnable(&self, now_ms: u64) -> Result<bool, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM tasks WHERE state IN ('queued', 'retrying') \
+                 AND not_before_ms <= ?1 LIMIT 1",
+                [now_ms as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.is_some())
+    }
+
+    pub fn attempts(&self, id: i64) -> Result<Vec<AttemptRow>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT n, worker, started_at_ms, finished_at_ms, exit_code, error FROM attempts \
+             WHERE task_id = ?1 ORDER BY n",
+        )?;
+        let rows = st
+            .query_map([id], |r| {
+                Ok(AttemptRow {
+                    attempt: r.get(0)?,
+                    worker: r.get(1)?,
+                    started_at_ms: r.get::<_, i64>(2)? as u64,
+                    finished_at_ms: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                    exit_code: r.get(4)?,
+                    error: r.get(5)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Removes finished tasks beyond the newest `keep` and those finished before
+    /// `older_than_ms`: their ids (their logs go too).
+    pub fn prune(&mut self, keep: u64, older_than_ms: u64) -> Result<Vec<i64>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let ids: Vec<i64> = {
+            let mut st = tx.prepare(
+                "SELECT id FROM tasks WHERE state IN ('succeeded', 'failed', 'cancelled') \
+                 AND (finished_at_ms < ?1 OR id NOT IN (SELECT id FROM tasks \
+                     WHERE state IN ('succeeded', 'failed', 'cancelled') \
+                     ORDER BY finished_at_ms DESC, id DESC LIMIT ?2)) \
+                 AND id NOT IN (SELECT after_id FROM tasks WHERE after_id IS NOT NULL \
+                     AND state IN ('queued', 'running', 'retrying')) \
+                 LIMIT 10000",
+            )?;
+            st.query_map(params![older_than_ms as i64, keep as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        for id in &ids {
+            tx.execute("DELETE FROM attempts WHERE task_id = ?1", [id])?;
+            tx.execute("DELETE FROM tasks WHERE id = ?1", [id])?;
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// Queues a failed or cancelled task again, with a fresh set of attempts.
+    pub fn retry(&mut self, id: i64, now_ms: u64) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row = tx
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
+                [id],
+                row_of,
+            )
+            .optional()?
+            .ok_or(StoreError::NoSuchTask(id))?;
+        if let Some(key) = &row.unique {
+            let live: Option<i64> = tx
+                .query_row(
+                    "SELECT id FROM tasks WHERE unique_key = ?1 AND id != ?2 \
+                     AND state IN ('queued', 'running', 'retrying')",
+                    params![key, id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(other) = live {
+                return Err(StoreError::Duplicate {
+                    key: key.clone(),
+                    id: other,
+                });
+            }
+        }
+        let mut life = row.life();
+        life.retry(now_ms).map_err(StoreError::Refused)?;
+        store_life(&tx, id, &life)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// (The queue's reconcile does this task by task, killing what is left of each first.)
+    #[cfg(test)]
     /// Every attempt still marked running ends as lost (the owner of the queue starts and
     /// nobody is running anything yet): retried or failed by the usual rule.
     pub fn requeue_running(
@@ -476,7 +680,7 @@ impl Store {
             match self.finish(
                 id,
                 attempt,
-                Ending::Failed(why.to_string()),
+                Ending::Lost(why.to_string()),
                 None,
                 now_ms,
                 retry,
@@ -586,6 +790,7 @@ mod tests {
             delay_ms: 0,
             after: None,
             unique: None,
+            cwd: None,
         }
     }
 
@@ -626,19 +831,23 @@ mod tests {
             .unwrap();
         let low2 = s.submit(&task(&["d"]), 0).unwrap();
         // A worker without the gpu skips the gpu task, priority first, then FIFO.
-        let (t, n) = s.claim(1, &[], 1).unwrap().unwrap();
+        let (t, n) = s.claim(1, 0, &[], 1).unwrap().unwrap();
         assert_eq!(
             (t.id, n, t.state, t.worker),
             (high, 1, TaskState::Running, Some(1))
         );
-        assert_eq!(s.claim(1, &[], 1).unwrap().unwrap().0.id, low);
-        assert_eq!(s.claim(1, &[], 1).unwrap().unwrap().0.id, low2);
+        assert_eq!(s.claim(1, 0, &[], 1).unwrap().unwrap().0.id, low);
+        assert_eq!(s.claim(1, 0, &[], 1).unwrap().unwrap().0.id, low2);
         assert!(
-            s.claim(1, &[], 1).unwrap().is_none(),
+            s.claim(1, 0, &[], 1).unwrap().is_none(),
             "only the gpu task is left"
         );
         assert_eq!(
-            s.claim(2, &caps(&["gpu", "ssd"]), 1).unwrap().unwrap().0.id,
+            s.claim(2, 0, &caps(&["gpu", "ssd"]), 1)
+                .unwrap()
+                .unwrap()
+                .0
+                .id,
             gpu
         );
         let counts = s.counts().unwrap();
@@ -649,13 +858,16 @@ mod tests {
     fn a_failed_attempt_is_retried_after_its_backoff_and_results_are_kept() {
         let (_dir, mut s) = fresh();
         let id = s.submit(&task(&["x"]), 0).unwrap();
-        let (_, a) = s.claim(1, &[], 0).unwrap().unwrap();
+        let (_, a) = s.claim(1, 0, &[], 0).unwrap().unwrap();
         assert_eq!(
             s.finish(id, a, Ending::Exited(3), None, 10, &B).unwrap(),
             TaskState::Retrying
         );
-        assert!(s.claim(1, &[], 109).unwrap().is_none(), "still backing off");
-        let (_, a) = s.claim(2, &[], 110).unwrap().unwrap();
+        assert!(
+            s.claim(1, 0, &[], 109).unwrap().is_none(),
+            "still backing off"
+        );
+        let (_, a) = s.claim(2, 0, &[], 110).unwrap().unwrap();
         assert_eq!(a, 2);
         // A late result of attempt 1 is refused and changes nothing.
         assert!(matches!(
@@ -727,21 +939,21 @@ mod tests {
                 0,
             )
             .unwrap();
-        let (t, a) = s.claim(1, &[], 0).unwrap().unwrap();
+        let (t, a) = s.claim(1, 0, &[], 0).unwrap().unwrap();
         assert_eq!(t.id, first);
         assert!(
-            s.claim(1, &[], 0).unwrap().is_none(),
+            s.claim(1, 0, &[], 0).unwrap().is_none(),
             "`later` waits for `first`"
         );
         s.finish(first, a, Ending::Exited(0), None, 1, &B).unwrap();
         // The key is free again once its task is no longer live.
         assert!(s.submit(&u, 2).is_ok());
-        assert_eq!(s.claim(1, &[], 2).unwrap().unwrap().0.id, later);
+        assert_eq!(s.claim(1, 0, &[], 2).unwrap().unwrap().0.id, later);
         assert_eq!(
-            s.claim(1, &[], 499).unwrap().map(|t| t.0.id),
+            s.claim(1, 0, &[], 499).unwrap().map(|t| t.0.id),
             Some(first + 3)
         );
-        assert_eq!(s.claim(1, &[], 500).unwrap().unwrap().0.id, delayed);
+        assert_eq!(s.claim(1, 0, &[], 500).unwrap().unwrap().0.id, delayed);
     }
 
     #[test]
@@ -759,7 +971,7 @@ mod tests {
                     0,
                 )
                 .unwrap();
-            s.claim(1, &[], 0).unwrap().unwrap();
+            s.claim(1, 0, &[], 0).unwrap().unwrap();
             id
         };
         // Reopened, as after every nexus process was killed.
@@ -771,7 +983,7 @@ mod tests {
         let t = s.get(id).unwrap();
         assert_eq!(t.attempts, 1);
         assert_eq!(t.error.as_deref(), Some("nexus stopped while it ran"));
-        let (_, a) = s.claim(2, &[], 1000).unwrap().unwrap();
+        let (_, a) = s.claim(2, 0, &[], 1000).unwrap().unwrap();
         s.requeue_running("again", 2000, &B).unwrap();
         assert_eq!(
             s.get(id).unwrap().state,
@@ -793,7 +1005,7 @@ mod tests {
                 0,
             )
             .unwrap();
-        assert_eq!(s.claim(7, &[], 0).unwrap().unwrap().0.id, r);
+        assert_eq!(s.claim(7, 0, &[], 0).unwrap().unwrap().0.id, r);
         assert_eq!(s.cancel(q, 1), Ok(None));
         assert_eq!(s.cancel(r, 1), Ok(Some(7)));
         assert_eq!(
@@ -801,7 +1013,7 @@ mod tests {
             Err(StoreError::Refused(Refused::NotNow(TaskState::Cancelled)))
         );
         assert_eq!(s.cancel(42, 2), Err(StoreError::NoSuchTask(42)));
-        assert!(s.claim(7, &[], 3).unwrap().is_none());
+        assert!(s.claim(7, 0, &[], 3).unwrap().is_none());
         let page = s.list(Some(TaskState::Cancelled), 0, 10).unwrap();
         assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), vec![q, r]);
         assert_eq!(s.list(None, q, 10).unwrap().len(), 1, "paged after an id");
@@ -837,7 +1049,7 @@ mod tests {
                 0,
             )
             .unwrap();
-        let (_, n) = s.claim(1, &[], 0).unwrap().unwrap();
+        let (_, n) = s.claim(1, 0, &[], 0).unwrap().unwrap();
         assert_eq!(
             s.finish(a, n, Ending::Exited(1), None, 5, &B).unwrap(),
             TaskState::Failed
@@ -874,7 +1086,10 @@ mod tests {
             .unwrap();
         }
         let plain = s.submit(&task(&["p"]), 0).unwrap();
-        assert_eq!(s.claim(1, &caps(&["ssd"]), 0).unwrap().unwrap().0.id, plain);
+        assert_eq!(
+            s.claim(1, 0, &caps(&["ssd"]), 0).unwrap().unwrap().0.id,
+            plain
+        );
     }
 
     #[test]

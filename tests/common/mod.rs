@@ -35,6 +35,17 @@ impl Cluster {
         )
         .expect("chmod");
         let config = dir.path().join("test_config.json");
+        // The queue of each test cluster lives in its own directory, gone with it.
+        let config_json = match serde_json::from_str::<Value>(config_json) {
+            Ok(Value::Object(mut m)) if !m.contains_key("state_dir") => {
+                m.insert(
+                    "state_dir".into(),
+                    Value::String(dir.path().join("state").display().to_string()),
+                );
+                Value::Object(m).to_string()
+            }
+            _ => config_json.to_string(),
+        };
         std::fs::write(&config, config_json).expect("write config");
         Cluster { dir, config }
     }

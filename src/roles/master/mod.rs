@@ -17,7 +17,7 @@ mod slots;
 mod takeover;
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::{Poll, Token};
 
@@ -87,7 +87,7 @@ pub struct Origin {
 pub enum Next {
     Continue,
     /// A validated config from `reload` or `scale`: write it, adopt it, then `apply_config`.
-    Apply(Config),
+    Apply(Box<Config>),
     /// `nexus restart` of the master itself: exit, a standby takes over.
     HandOver,
 }
@@ -146,6 +146,26 @@ impl Master {
         let hung = origin.killed_master.filter(|k| Some(k.pid) == previous);
 
         let control = ControlServer::bind(&dir.control_socket(), poll)?;
+        // The task queue has a thread of its own: no database write delays a respawn.
+        let cfg = &ctx.config;
+        let queue = crate::tasks::queue::spawn(crate::tasks::queue::Options {
+            dir: dir.clone(),
+            state_dir: cfg
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| crate::tasks::settings::default_state_dir(dir.path())),
+            fresh: origin.fresh,
+            ack_timeout: cfg.timeout().max(Duration::from_secs(2)),
+            retention_count: cfg.task_retention_count,
+            retention_ms: cfg.task_retention_ms,
+            backoff: crate::tasks::lifecycle::RetryBackoff {
+                initial_ms: 1000,
+                max_ms: 60_000,
+            },
+        });
+        if let Err(e) = queue {
+            log::warn!("no task queue: {e}");
+        }
         let ledger = Ledger::open(
             &dir.events(),
             ctx.config.log_max_bytes,
@@ -294,7 +314,7 @@ impl Master {
     pub fn after_events(&mut self, poll: &Poll) -> Next {
         self.control.expire(poll, &mut self.rejected);
         if let Some(cfg) = self.pending_config.take() {
-            return Next::Apply(cfg);
+            return Next::Apply(Box::new(cfg));
         }
         if self.exit_for_handover {
             return Next::HandOver;

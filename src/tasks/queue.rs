@@ -1,0 +1,1308 @@
+//! The queue's owner: a thread of the master (so no database write ever delays a
+//! respawn), serving `tasks.sock`. Free workflows connect as workers and are handed tasks;
+//! the CLI submits, asks and cancels. Its loop's events: the listener, the connections,
+//! and its timers (acknowledgement deadlines, delayed tasks, pruning, reopening a
+//! database that failed).
+//!
+//! A worker's death is its connection's end, which the kernel delivers the moment the
+//! process is gone: its tasks' programs are killed and the tasks re-queued at once, the
+//! attempt counted. A hung worker is killed by the master on the watchdogs' verdict, and
+//! then ends the same way.
+//!
+//! The database failing never stops the thread: the queue answers with the error and
+//! tries to reopen it each second, while the master goes on supervising.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mio::net::{UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::socket::{self, sockopt};
+use serde_json::json;
+
+use crate::ledger::{Appender, Event, unix_ms_now};
+use crate::runtime_dir::RuntimeDir;
+use crate::tasks::lifecycle::{Ending, RetryBackoff, TaskState};
+use crate::tasks::scheduler::{self, Load, Waiting};
+use crate::tasks::store::{Durability, NewTask, Retry, Store, StoreError};
+use crate::tasks::view;
+use crate::tasks::wire::{self, FromQueue, Held, Outcome, ToQueue};
+
+const LISTENER: Token = Token(0);
+/// A page of `task list` holds at most this many.
+pub const MAX_PAGE: u32 = 1000;
+/// How often a database that failed is tried again.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// A task marked running whose worker is alive but not connected (a failover) is given
+/// this long for the worker to come back before it is taken as lost.
+const RECONNECT_GRACE: Duration = Duration::from_secs(5);
+
+pub struct Options {
+    pub dir: RuntimeDir,
+    pub state_dir: PathBuf,
+    /// `nexus start` started this master: nothing can still be running any task.
+    pub fresh: bool,
+    pub ack_timeout: Duration,
+    pub retention_count: u64,
+    pub retention_ms: u64,
+    pub backoff: RetryBackoff,
+}
+
+/// Binds `tasks.sock` and starts the queue's thread.
+pub fn spawn(opts: Options) -> Result<(), String> {
+    let path = opts.dir.tasks_socket();
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+    std::thread::Builder::new()
+        .name("queue".into())
+        .spawn(move || match Queue::new(opts, listener) {
+            Ok(mut q) => q.run(),
+            Err(e) => log::error!("the task queue cannot run: {e}"),
+        })
+        .map_err(|e| format!("cannot start the queue's thread: {e}"))?;
+    Ok(())
+}
+
+struct Conn {
+    stream: UnixStream,
+    peer_pid: i32,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    /// The worker this connection is, once it said hello.
+    worker: Option<u32>,
+    /// A `task wait` waiting for these.
+    waiting: Option<Vec<i64>>,
+    /// Close once `out` is written (a CLI's answer).
+    close_when_flushed: bool,
+    writable: bool,
+}
+
+struct Worker {
+    token: Token,
+    pid: i32,
+    capabilities: Vec<String>,
+    concurrency: u32,
+    /// Attempts it runs: (id, attempt) → the program's pid (0 until confirmed).
+    running: BTreeMap<(i64, u32), i32>,
+    given: u64,
+    draining: bool,
+}
+
+struct Queue {
+    opts: Options,
+    poll: Poll,
+    listener: UnixListener,
+    conns: HashMap<Token, Conn>,
+    next_token: usize,
+    uid: u32,
+    store: Option<Store>,
+    /// Whether to open the store: once tasks.db exists or a request needs it. A cluster
+    /// that never uses tasks never loads SQLite into the master.
+    wanted: bool,
+    db_error: Option<String>,
+    next_reopen: Instant,
+    /// flock on state_dir/queue.lock while the store is ours.
+    lock: Option<std::fs::File>,
+    /// Only the first open of a fresh start may take every running task as lost.
+    fresh: bool,
+    workers: BTreeMap<u32, Worker>,
+    /// Attempts handed out and not yet confirmed: their deadline.
+    acks: BTreeMap<(i64, u32), Instant>,
+    /// Running tasks whose worker is not connected: since when.
+    unowned: BTreeMap<(i64, u32), Instant>,
+    next_due: Option<Instant>,
+    next_prune: Instant,
+    dirty: bool,
+    ledger: Appender,
+    rng: crate::daemon::Rng,
+}
+
+impl Queue {
+    fn new(opts: Options, mut listener: UnixListener) -> Result<Queue, String> {
+        let poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(|e| format!("cannot poll tasks.sock: {e}"))?;
+        let ledger = Appender::new(&opts.dir.events());
+        let seed = unix_ms_now() ^ u64::from(std::process::id());
+        let wanted = opts.state_dir.join("tasks.db").exists();
+        Ok(Queue {
+            fresh: opts.fresh,
+            opts,
+            poll,
+            listener,
+            conns: HashMap::new(),
+            next_token: 1,
+            // SAFETY: geteuid has no preconditions.
+            uid: unsafe { libc::geteuid() },
+            store: None,
+            wanted,
+            db_error: None,
+            next_reopen: Instant::now(),
+            lock: None,
+            workers: BTreeMap::new(),
+            acks: BTreeMap::new(),
+            unowned: BTreeMap::new(),
+            next_due: None,
+            next_prune: Instant::now() + PRUNE_EVERY,
+            dirty: true,
+            ledger,
+            rng: crate::daemon::Rng::seeded(seed),
+        })
+    }
+
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(128);
+        loop {
+            let now = Instant::now();
+            self.on_timers(now);
+            if self.dirty {
+                self.dirty = false;
+                self.dispatch();
+            }
+            let timeout = self
+                .next_wake()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout)
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                log::error!("the task queue's poll failed: {e}");
+                return;
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    t => {
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.read(t);
+                        }
+                        if ev.is_writable() {
+                            self.flush(t);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let mut wake = Some(self.next_prune);
+        let mut at = |t: Instant| wake = Some(wake.map_or(t, |w: Instant| w.min(t)));
+        if let Some((_, t)) = self.acks.iter().min_by_key(|(_, t)| **t) {
+            at(*t);
+        }
+        if let Some(t) = self.next_due {
+            at(t);
+        }
+        if self.store.is_none() && self.wanted {
+            at(self.next_reopen);
+        }
+        if !self.unowned.is_empty() {
+            at(Instant::now() + Duration::from_secs(1));
+        }
+        wake
+    }
+
+    // ---- the database ----
+
+    fn retry_rule(&mut self) -> Retry {
+        Retry {
+            backoff: self.opts.backoff,
+            jitter: self.rng.unit(),
+        }
+    }
+
+    /// A database error takes the store away until it can be reopened.
+    fn failed(&mut self, e: &StoreError) {
+        if let StoreError::Db(msg) = e {
+            log::warn!("the task queue is unavailable: {msg}; retrying each second");
+            self.db_error = Some(msg.clone());
+            self.store = None;
+            self.lock = None;
+            self.next_reopen = Instant::now() + REOPEN_EVERY;
+        }
+    }
+
+    fn open_store(&mut self) {
+        let dir = &self.opts.state_dir;
+        let opened = (|| -> Result<(std::fs::File, Store), String> {
+            std::fs::create_dir_all(dir.join("task-logs"))
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let lock_path = dir.join("queue.lock");
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+            // SAFETY: flock on a file we own.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                return Err(format!(
+                    "the queue in {} is owned by another cluster (its queue.lock is held); give this cluster a `state_dir` of its own",
+                    dir.display()
+                ));
+            }
+            let store = Store::open_with(&dir.join("tasks.db"), Durability::Normal)
+                .map_err(|e| e.to_string())?;
+            Ok((lock, store))
+        })();
+        match opened {
+            Ok((lock, store)) => {
+                if self.db_error.take().is_some() {
+                    log::info!("the task queue is available again");
+                }
+                self.lock = Some(lock);
+                self.store = Some(store);
+                let fresh = std::mem::take(&mut self.fresh);
+                if let Err(e) = self.reconcile(fresh) {
+                    self.failed(&e);
+                }
+                self.dirty = true;
+            }
+            Err(e) => {
+                if self.db_error.as_deref() != Some(e.as_str()) {
+                    log::warn!("the task queue is unavailable: {e}; retrying each second");
+                }
+                self.db_error = Some(e);
+                self.next_reopen = Instant::now() + REOPEN_EVERY;
+            }
+        }
+    }
+
+    /// After opening: what the store says runs, against who is connected. At a fresh
+    /// start nothing can be running; after a failover, workers keep running their tasks
+    /// and reconnect.
+    fn reconcile(&mut self, fresh: bool) -> Result<(), StoreError> {
+        let Some(store) = self.store.as_ref() else {
+            return Ok(());
+        };
+        let running = store.running()?;
+        let now = Instant::now();
+        for (id, attempt, worker, worker_pid, _pid) in running {
+            let held = self
+                .workers
+                .get(&worker)
+                .is_some_and(|w| w.running.contains_key(&(id, attempt)));
+            if held {
+                continue;
+            }
+            let alive = worker_pid.is_some_and(|p| p > 0 && pid_alive(p));
+            if fresh || !alive || self.workers.contains_key(&worker) {
+                let why = if fresh {
+                    "the cluster was restarted while it ran".to_string()
+                } else {
+                    format!("its worker workflow-{worker} is gone")
+                };
+                self.lose(id, attempt, Some(worker), &why)?;
+            } else {
+                self.unowned.insert((id, attempt), now);
+            }
+        }
+        Ok(())
+    }
+
+    /// An attempt is lost (its worker died, hung or never confirmed it): its program is
+    /// killed, and the task re-queued at once with the attempt counted.
+    fn lose(
+        &mut self,
+        id: i64,
+        attempt: u32,
+        worker: Option<u32>,
+        why: &str,
+    ) -> Result<(), StoreError> {
+        kill_attempt(&self.opts.state_dir, id, attempt);
+        self.acks.remove(&(id, attempt));
+        self.unowned.remove(&(id, attempt));
+        let retry = self.retry_rule();
+        let Some(store) = self.store.as_mut() else {
+            return Ok(());
+        };
+        match store.finish(
+            id,
+            attempt,
+            Ending::Lost(why.to_string()),
+            None,
+            unix_ms_now(),
+            &retry,
+        ) {
+            Ok(state) => {
+                log::info!(
+                    "task {id} attempt {attempt} lost: {why}; now {}",
+                    state.as_str()
+                );
+                self.record_end(id, attempt, worker, state, None, Some(why));
+                self.dirty = true;
+                Ok(())
+            }
+            Err(StoreError::Refused(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn record_end(
+        &mut self,
+        id: i64,
+        attempt: u32,
+        worker: Option<u32>,
+        state: TaskState,
+        code: Option<i32>,
+        error: Option<&str>,
+    ) {
+        let event = match state {
+            TaskState::Succeeded => "task_succeeded",
+            TaskState::Retrying => "task_retry",
+            TaskState::Failed => "task_failed",
+            TaskState::Cancelled => "task_cancelled",
+            TaskState::Queued | TaskState::Running => return,
+        };
+        self.ledger.append(&Event {
+            task: Some(id),
+            attempt: Some(attempt),
+            workflow: worker,
+            code,
+            detail: error.map(str::to_string),
+            ..Event::new(event)
+        });
+        self.notify_waiters();
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        if self.store.is_none() && self.wanted && now >= self.next_reopen {
+            self.open_store();
+        }
+        if self.store.is_none() {
+            return;
+        }
+        let expired: Vec<(i64, u32)> = self
+            .acks
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for (id, attempt) in expired {
+            let worker = self
+                .workers
+                .iter()
+                .find(|(_, w)| w.running.contains_key(&(id, attempt)))
+                .map(|(n, _)| *n);
+            let why = format!(
+                "workflow-{} did not confirm the start within {} ms",
+                worker.unwrap_or(0),
+                self.opts.ack_timeout.as_millis()
+            );
+            if let Some(w) = worker {
+                self.tell_worker(
+                    w,
+                    &FromQueue::Kill {
+                        id,
+                        attempt,
+                        why: why.clone(),
+                    },
+                );
+            }
+            if let Err(e) = self.lose(id, attempt, worker, &why) {
+                self.failed(&e);
+                return;
+            }
+        }
+        let overdue: Vec<(i64, u32)> = self
+            .unowned
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= RECONNECT_GRACE)
+            .map(|(k, _)| *k)
+            .collect();
+        for (id, attempt) in overdue {
+            let why = format!(
+                "its worker did not come back within {} ms of the failover",
+                RECONNECT_GRACE.as_millis()
+            );
+            if let Err(e) = self.lose(id, attempt, None, &why) {
+                self.failed(&e);
+                return;
+            }
+        }
+        if self.next_due.is_some_and(|t| t <= now) {
+            self.next_due = None;
+            self.dirty = true;
+        }
+        if now >= self.next_prune {
+            self.next_prune = now + PRUNE_EVERY;
+            self.prune();
+        }
+    }
+
+    fn prune(&mut self) {
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        let cutoff = unix_ms_now().saturating_sub(self.opts.retention_ms);
+        match store.prune(self.opts.retention_count, cutoff) {
+            Ok(ids) => {
+                for id in &ids {
+                    let _ = std::fs::remove_file(view::log_path(&self.opts.state_dir, *id));
+                }
+                if !ids.is_empty() {
+                    log::info!("pruned {} finished tasks", ids.len());
+                }
+            }
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    /// Hands runnable tasks to free workers, least loaded first, until one of them runs
+    /// out: no task left, or no free worker that can run one.
+    fn dispatch(&mut self) {
+        let now_ms = unix_ms_now();
+        for _ in 0..100_000 {
+            let order = scheduler::offer_order(&self.loads());
+            if order.is_empty() {
+                break;
+            }
+            let Some(store) = self.store.as_mut() else {
+                return;
+            };
+            match store.any_runnable(now_ms) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => return self.failed(&e),
+            }
+            let mut given = None;
+            for w in order {
+                let worker = &self.workers[&w];
+                let Some(store) = self.store.as_mut() else {
+                    return;
+                };
+                match store.claim(w, worker.pid, &worker.capabilities, now_ms) {
+                    Ok(Some((row, attempt))) => {
+                        given = Some((w, row, attempt));
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => return self.failed(&e),
+                }
+            }
+            let Some((w, row, attempt)) = given else {
+                break;
+            };
+            let msg = FromQueue::Run {
+                id: row.id,
+                attempt,
+                argv: row.argv.clone(),
+                spec: row.spec.clone(),
+                cwd: row.cwd.clone(),
+                timeout_ms: row.timeout_ms,
+                log: view::log_path(&self.opts.state_dir, row.id),
+            };
+            if let Some(worker) = self.workers.get_mut(&w) {
+                worker.running.insert((row.id, attempt), 0);
+                worker.given += 1;
+            }
+            self.acks
+                .insert((row.id, attempt), Instant::now() + self.opts.ack_timeout);
+            self.tell_worker(w, &msg);
+        }
+        if let Some(store) = self.store.as_ref() {
+            match store.next_due_ms(now_ms) {
+                Ok(Some(ms)) => {
+                    self.next_due = Some(Instant::now() + Duration::from_millis(ms - now_ms))
+                }
+                Ok(None) => self.next_due = None,
+                Err(e) => self.failed(&e),
+            }
+        }
+    }
+
+    fn loads(&self) -> Vec<Load> {
+        self.workers
+            .iter()
+            .map(|(id, w)| Load {
+                worker: *id,
+                running: w.running.len() as u32,
+                concurrency: w.concurrency,
+                given: w.given,
+                draining: w.draining,
+            })
+            .collect()
+    }
+
+    // ---- connections ----
+
+    fn accept(&mut self) {
+        for _ in 0..256 {
+            let (mut stream, _) = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("tasks.sock: accept failed: {e}");
+                    return;
+                }
+            };
+            let Ok(creds) = socket::getsockopt(&stream, sockopt::PeerCredentials) else {
+                continue;
+            };
+            if creds.uid() != self.uid {
+                log::warn!(
+                    "tasks.sock: refused a connection from uid {} (pid {})",
+                    creds.uid(),
+                    creds.pid()
+                );
+                continue;
+            }
+            let token = Token(self.next_token);
+            self.next_token += 1;
+            if self
+                .poll
+                .registry()
+                .register(&mut stream, token, Interest::READABLE)
+                .is_err()
+            {
+                continue;
+            }
+            self.conns.insert(
+                token,
+                Conn {
+                    stream,
+                    peer_pid: creds.pid(),
+                    inbuf: Vec::new(),
+                    out: Vec::new(),
+                    worker: None,
+                    waiting: None,
+                    close_when_flushed: false,
+                    writable: false,
+                },
+            );
+        }
+    }
+
+    fn read(&mut self, token: Token) {
+        let mut lines = Vec::new();
+        let mut closed = false;
+        {
+            let Some(conn) = self.conns.get_mut(&token) else {
+                return;
+            };
+            let mut buf = [0u8; 16384];
+            for _ in 0..1024 {
+                match conn.stream.read(&mut buf) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(n) => conn.inbuf.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            match wire::take_lines(&mut conn.inbuf) {
+                Ok(l) => lines = l,
+                Err(e) => {
+                    log::warn!("tasks.sock: pid {}: {e}; closing", conn.peer_pid);
+                    closed = true;
+                }
+            }
+        }
+        for line in lines {
+            match serde_json::from_slice::<ToQueue>(&line) {
+                Ok(msg) => self.handle(token, msg),
+                Err(e) => {
+                    let pid = self.conns.get(&token).map_or(0, |c| c.peer_pid);
+                    log::warn!("tasks.sock: garbage from pid {pid}: {e}");
+                    self.reply(
+                        token,
+                        &FromQueue::Error {
+                            message: format!("not a request: {e}"),
+                        },
+                    );
+                }
+            }
+        }
+        if closed {
+            self.close(token);
+        }
+    }
+
+    fn close(&mut self, token: Token) {
+        let Some(mut conn) = self.conns.remove(&token) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        if let Some(w) = conn.worker
+            && self.workers.get(&w).is_some_and(|x| x.token == token)
+        {
+            self.worker_gone(w);
+        }
+    }
+
+    /// A worker's connection ended: it died (or was killed for hanging), or is exiting.
+    fn worker_gone(&mut self, id: u32) {
+        let Some(w) = self.workers.remove(&id) else {
+            return;
+        };
+        let why = format!("its worker workflow-{id} (pid {}) died", w.pid);
+        for (id_attempt, _) in w.running {
+            if let Err(e) = self.lose(id_attempt.0, id_attempt.1, Some(id), &why) {
+                self.failed(&e);
+                break;
+            }
+        }
+        self.dirty = true;
+    }
+
+    fn send(&mut self, token: Token, msg: &FromQueue) {
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
+        conn.out.extend_from_slice(&wire::encode(msg));
+        self.flush(token);
+    }
+
+    /// A CLI's answer: sent, then the connection closed.
+    fn reply(&mut self, token: Token, msg: &FromQueue) {
+        if let Some(c) = self.conns.get_mut(&token)
+            && c.worker.is_none()
+        {
+            c.close_when_flushed = true;
+        }
+        self.send(token, msg);
+    }
+
+    fn tell_worker(&mut self, worker: u32, msg: &FromQueue) {
+        if let Some(t) = self.workers.get(&worker).map(|w| w.token) {
+            self.send(t, msg);
+        }
+    }
+
+    fn flush(&mut self, token: Token) {
+        let mut close = false;
+        if let Some(conn) = self.conns.get_mut(&token) {
+            while !conn.out.is_empty() {
+                match conn.stream.write(&conn.out) {
+                    Ok(0) => {
+                        close = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        conn.out.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        close = true;
+                        break;
+                    }
+                }
+            }
+            let want = !conn.out.is_empty();
+            if want != conn.writable {
+                conn.writable = want;
+                let interest = if want {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                let _ = self
+                    .poll
+                    .registry()
+                    .reregister(&mut conn.stream, token, interest);
+            }
+            if conn.out.is_empty() && conn.close_when_flushed {
+                close = true;
+            }
+        }
+        if close {
+            self.close(token);
+        }
+    }
+
+    // ---- requests ----
+
+    fn handle(&mut self, token: Token, msg: ToQueue) {
+        match msg {
+            ToQueue::Hello {
+                worker,
+                pid,
+                capabilities,
+                concurrency,
+                running,
+                ended,
+            } => self.hello(
+                token,
+                worker,
+                pid,
+                capabilities,
+                concurrency,
+                running,
+                ended,
+            ),
+            ToQueue::Started { id, attempt, pid } => self.started(token, id, attempt, pid),
+            ToQueue::Ended(o) => self.ended(token, o),
+            ToQueue::Draining {} => {
+                if let Some(w) = self.conns.get(&token).and_then(|c| c.worker)
+                    && let Some(w) = self.workers.get_mut(&w)
+                {
+                    w.draining = true;
+                }
+            }
+            other => {
+                let answer = self.answer(token, other);
+                if let Some(a) = answer {
+                    self.reply(token, &a);
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn hello(
+        &mut self,
+        token: Token,
+        worker: u32,
+        pid: i32,
+        capabilities: Vec<String>,
+        concurrency: u32,
+        running: Vec<Held>,
+        ended: Vec<Outcome>,
+    ) {
+        let peer = self.conns.get(&token).map_or(0, |c| c.peer_pid);
+        if peer != pid || worker == 0 {
+            log::warn!("tasks.sock: pid {peer} claims to be worker {worker} pid {pid}: refused");
+            self.reply(
+                token,
+                &FromQueue::Error {
+                    message: "refused: the hello's pid is not the sender's".into(),
+                },
+            );
+            return;
+        }
+        if self.workers.contains_key(&worker) {
+            // Its old connection has not ended yet: the old process is gone or going.
+            self.worker_gone(worker);
+        }
+        if let Some(c) = self.conns.get_mut(&token) {
+            c.worker = Some(worker);
+        }
+        let mut w = Worker {
+            token,
+            pid,
+            capabilities,
+            concurrency: concurrency.clamp(1, crate::tasks::settings::MAX_CONCURRENCY),
+            running: BTreeMap::new(),
+            given: 0,
+            draining: false,
+        };
+        for h in &running {
+            w.running.insert((h.id, h.attempt), h.pid);
+            self.unowned.remove(&(h.id, h.attempt));
+        }
+        self.workers.insert(worker, w);
+        log::info!(
+            "worker workflow-{worker} (pid {pid}) connected, running {}",
+            running.len()
+        );
+        for o in ended {
+            self.ended(token, o);
+        }
+        // What the store says it runs, and what it says it runs, must agree.
+        let Some(store) = self.store.as_ref() else {
+            return;
+        };
+        let rows = match store.running() {
+            Ok(r) => r,
+            Err(e) => return self.failed(&e),
+        };
+        for (id, attempt, owner, _, pid) in &rows {
+            if *owner == worker && !running.iter().any(|h| h.id == *id && h.attempt == *attempt) {
+                let _ = pid;
+                if let Err(e) = self.lose(*id, *attempt, Some(worker), "its worker restarted") {
+                    return self.failed(&e);
+                }
+            }
+        }
+        for h in running {
+            let current = rows
+                .iter()
+                .any(|(id, a, owner, _, _)| *id == h.id && *a == h.attempt && *owner == worker);
+            if !current {
+                log::info!(
+                    "task {} attempt {} on workflow-{worker} is no longer current: killing it",
+                    h.id,
+                    h.attempt
+                );
+                self.tell_worker(
+                    worker,
+                    &FromQueue::Kill {
+                        id: h.id,
+                        attempt: h.attempt,
+                        why: "superseded".into(),
+                    },
+                );
+            } else if h.pid > 0 {
+                self.acks.remove(&(h.id, h.attempt));
+            }
+        }
+        self.dirty = true;
+    }
+
+    fn started(&mut self, token: Token, id: i64, attempt: u32, pid: i32) {
+        let Some(worker) = self.conns.get(&token).and_then(|c| c.worker) else {
+            return;
+        };
+        self.acks.remove(&(id, attempt));
+        if let Some(w) = self.workers.get_mut(&worker)
+            && let Some(p) = w.running.get_mut(&(id, attempt))
+        {
+            *p = pid;
+        }
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        match store.started(id, attempt, pid) {
+            Ok(true) => self.ledger.append(&Event {
+                task: Some(id),
+                attempt: Some(attempt),
+                workflow: Some(worker),
+                pid: Some(pid),
+                ..Event::new("task_started")
+            }),
+            Ok(false) => {
+                log::info!(
+                    "task {id} attempt {attempt} started on workflow-{worker} after it was superseded: killing it"
+                );
+                self.tell_worker(
+                    worker,
+                    &FromQueue::Kill {
+                        id,
+                        attempt,
+                        why: "superseded".into(),
+                    },
+                );
+            }
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    fn ended(&mut self, token: Token, o: Outcome) {
+        let worker = self.conns.get(&token).and_then(|c| c.worker);
+        if let Some(w) = worker.and_then(|w| self.workers.get_mut(&w)) {
+            w.running.remove(&(o.id, o.attempt));
+        }
+        self.acks.remove(&(o.id, o.attempt));
+        self.dirty = true;
+        let retry = self.retry_rule();
+        let Some(store) = self.store.as_mut() else {
+            log::warn!(
+                "task {} attempt {} ended but the queue is unavailable: it will run again",
+                o.id,
+                o.attempt
+            );
+            return;
+        };
+        let ending = match (o.exit_code, &o.error) {
+            (_, Some(e)) => Ending::Failed(e.clone()),
+            (Some(c), None) => Ending::Exited(c),
+            (None, None) => Ending::Failed("ended without an exit status".into()),
+        };
+        match store.finish(
+            o.id,
+            o.attempt,
+            ending,
+            o.result.as_deref(),
+            unix_ms_now(),
+            &retry,
+        ) {
+            Ok(state) => {
+                let err = if o.error.is_some() {
+                    o.error.clone()
+                } else {
+                    o.exit_code
+                        .filter(|c| *c != 0)
+                        .map(|c| format!("exited with status {c}"))
+                };
+                self.record_end(o.id, o.attempt, worker, state, o.exit_code, err.as_deref());
+            }
+            Err(StoreError::Refused(r)) => {
+                // A cancelled task's run, or a superseded attempt's: the first outcome stands.
+                log::info!(
+                    "task {} attempt {}: a late result, ignored ({r})",
+                    o.id,
+                    o.attempt
+                );
+            }
+            Err(StoreError::NoSuchTask(_)) => {}
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    /// A CLI's request: the answer now, or None when it is answered later (`wait`).
+    fn answer(&mut self, token: Token, msg: ToQueue) -> Option<FromQueue> {
+        let err = |message: String| Some(FromQueue::Error { message });
+        if self.store.is_none() && !self.wanted && !matches!(msg, ToQueue::Overview {}) {
+            self.wanted = true;
+            self.open_store();
+        }
+        if self.store.is_none() {
+            let why = self
+                .db_error
+                .clone()
+                .unwrap_or_else(|| "not open yet".into());
+            if !matches!(msg, ToQueue::Overview {}) {
+                return err(format!("the task queue is unavailable: {why}"));
+            }
+        }
+        let now_ms = unix_ms_now();
+        match msg {
+            ToQueue::Submit(s) => {
+                if s.spec.len() > wire::SPEC_MAX {
+                    return err(format!(
+                        "the task's JSON is {} bytes; at most {} reach its stdin",
+                        s.spec.len(),
+                        wire::SPEC_MAX
+                    ));
+                }
+                let t = NewTask {
+                    spec: s.spec,
+                    argv: s.argv,
+                    required: s.required,
+                    priority: s.priority,
+                    max_attempts: s.max_attempts,
+                    timeout_ms: s.timeout_ms,
+                    delay_ms: s.delay_ms,
+                    after: s.after,
+                    unique: s.unique,
+                    cwd: s.cwd,
+                };
+                let store = self.store.as_mut()?;
+                // The acknowledgement promises it is on disk.
+                let r = store
+                    .set_durability(Durability::Full)
+                    .and_then(|_| store.submit(&t, now_ms));
+                let _ = store.set_durability(Durability::Normal);
+                match r {
+                    Ok(id) => {
+                        self.ledger.append(&Event {
+                            task: Some(id),
+                            detail: Some(serde_json::to_string(&t.argv).unwrap_or_default()),
+                            ..Event::new("task_submitted")
+                        });
+                        self.dirty = true;
+                        Some(FromQueue::Submitted { id })
+                    }
+                    Err(e) => {
+                        self.failed(&e);
+                        err(e.to_string())
+                    }
+                }
+            }
+            ToQueue::Status { id } => match self.task_json(id) {
+                Ok(task) => Some(FromQueue::Task { task }),
+                Err(e) => {
+                    self.failed(&e);
+                    err(e.to_string())
+                }
+            },
+            ToQueue::List {
+                state,
+                after,
+                limit,
+            } => {
+                let state = match state.as_deref().map(|s| (s, TaskState::parse(s))) {
+                    None => None,
+                    Some((_, Some(s))) => Some(s),
+                    Some((s, None)) => {
+                        return err(format!(
+                            "unknown state {s:?} (queued, running, retrying, succeeded, failed, cancelled)"
+                        ));
+                    }
+                };
+                let limit = limit.clamp(1, MAX_PAGE);
+                let store = self.store.as_ref()?;
+                match store.list(state, after, limit) {
+                    Ok(rows) => {
+                        let next = (rows.len() as u32 == limit).then(|| rows[rows.len() - 1].id);
+                        let tasks = rows
+                            .iter()
+                            .map(|r| {
+                                view::task_json(
+                                    r,
+                                    &[],
+                                    self.reason(r, now_ms),
+                                    &view::log_path(&self.opts.state_dir, r.id),
+                                )
+                            })
+                            .collect();
+                        Some(FromQueue::Tasks { tasks, next })
+                    }
+                    Err(e) => {
+                        self.failed(&e);
+                        err(e.to_string())
+                    }
+                }
+            }
+            ToQueue::Cancel { id } => {
+                let store = self.store.as_mut()?;
+                let r = store
+                    .set_durability(Durability::Full)
+                    .and_then(|_| store.cancel(id, now_ms));
+                let _ = store.set_durability(Durability::Normal);
+                let attempt = store.get(id).map(|t| t.attempts).unwrap_or(0);
+                match r {
+                    Ok(worker) => {
+                        self.acks.remove(&(id, attempt));
+                        self.unowned.remove(&(id, attempt));
+                        let message = match worker {
+                            Some(w) => {
+                                self.tell_worker(
+                                    w,
+                                    &FromQueue::Kill {
+                                        id,
+                                        attempt,
+                                        why: "cancelled".into(),
+                                    },
+                                );
+                                if !self.workers.contains_key(&w) {
+                                    kill_attempt(&self.opts.state_dir, id, attempt);
+                                }
+                                format!(
+                                    "task {id} cancelled; its program on workflow-{w} is killed"
+                                )
+                            }
+                            None => format!("task {id} cancelled"),
+                        };
+                        self.record_end(id, attempt, worker, TaskState::Cancelled, None, None);
+                        self.dirty = true;
+                        Some(FromQueue::Done { message })
+                    }
+                    Err(e) => {
+                        self.failed(&e);
+                        err(e.to_string())
+                    }
+                }
+            }
+            ToQueue::Retry { id } => {
+                let store = self.store.as_mut()?;
+                let r = store
+                    .set_durability(Durability::Full)
+                    .and_then(|_| store.retry(id, now_ms));
+                let _ = store.set_durability(Durability::Normal);
+                match r {
+                    Ok(()) => {
+                        self.ledger.append(&Event {
+                            task: Some(id),
+                            detail: Some("retried by hand".into()),
+                            ..Event::new("task_retry")
+                        });
+                        self.dirty = true;
+                        Some(FromQueue::Done {
+                            message: format!("task {id} queued again"),
+                        })
+                    }
+                    Err(e) => {
+                        self.failed(&e);
+                        err(e.to_string())
+                    }
+                }
+            }
+            ToQueue::Wait { ids } => {
+                let store = self.store.as_ref()?;
+                for id in &ids {
+                    if let Err(e) = store.get(*id) {
+                        return err(e.to_string());
+                    }
+                }
+                if let Some(c) = self.conns.get_mut(&token) {
+                    c.waiting = Some(ids);
+                }
+                self.notify_waiters();
+                None
+            }
+            ToQueue::Overview {} => Some(FromQueue::Overview {
+                overview: self.overview(),
+            }),
+            ToQueue::Hello { .. }
+            | ToQueue::Started { .. }
+            | ToQueue::Ended(_)
+            | ToQueue::Draining {} => None,
+        }
+    }
+
+    fn reason(&self, r: &crate::tasks::store::TaskRow, now_ms: u64) -> Option<String> {
+        let store = self.store.as_ref()?;
+        let after = r.after.map(|a| (a, store.get(a).ok().map(|p| p.state)));
+        let workers: Vec<(&[String], bool)> = self
+            .workers
+            .values()
+            .map(|w| {
+                (
+                    w.capabilities.as_slice(),
+                    !w.draining && (w.running.len() as u32) < w.concurrency,
+                )
+            })
+            .collect();
+        scheduler::waiting_reason(
+            &Waiting {
+                state: r.state,
+                required: &r.required,
+                not_before_ms: r.not_before_ms,
+                after,
+            },
+            now_ms,
+            &workers,
+        )
+    }
+
+    fn task_json(&self, id: i64) -> Result<serde_json::Value, StoreError> {
+        let store = self
+            .store
+            .as_ref()
+            .ok_or_else(|| StoreError::Db("not open".into()))?;
+        let row = store.get(id)?;
+        let history = store.attempts(id)?;
+        Ok(view::task_json(
+            &row,
+            &history,
+            self.reason(&row, unix_ms_now()),
+            &view::log_path(&self.opts.state_dir, id),
+        ))
+    }
+
+    fn overview(&mut self) -> serde_json::Value {
+        let counts = match self.store.as_ref().map(|s| s.counts()) {
+            Some(Ok(c)) => Some(
+                c.into_iter()
+                    .map(|(s, n)| (s.as_str().to_string(), json!(n)))
+                    .collect::<serde_json::Map<_, _>>(),
+            ),
+            Some(Err(e)) => {
+                self.failed(&e);
+                None
+            }
+            None => None,
+        };
+        let workers: Vec<serde_json::Value> = self
+            .workers
+            .iter()
+            .map(|(id, w)| {
+                json!({
+                    "worker": format!("workflow-{id}"),
+                    "pid": w.pid,
+                    "running": w.running.len(),
+                    "concurrency": w.concurrency,
+                    "capabilities": w.capabilities,
+                    "draining": w.draining,
+                    "tasks": w.running.keys().map(|(t, _)| *t).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let counts = counts.or_else(|| {
+            (!self.wanted).then(|| {
+                TaskState::ALL
+                    .iter()
+                    .map(|s| (s.as_str().to_string(), json!(0)))
+                    .collect()
+            })
+        });
+        json!({
+            "available": self.store.is_some() || !self.wanted,
+            "error": self.db_error,
+            "state_dir": self.opts.state_dir,
+            "counts": counts,
+            "workers": workers,
+        })
+    }
+
+    /// Answers every `task wait` whose tasks are all finished.
+    fn notify_waiters(&mut self) {
+        let Some(store) = self.store.as_ref() else {
+            return;
+        };
+        let mut done = Vec::new();
+        for (token, c) in &self.conns {
+            let Some(ids) = &c.waiting else { continue };
+            let mut tasks = Vec::new();
+            let mut all = true;
+            for id in ids {
+                match store.get(*id) {
+                    Ok(t) if t.state.is_final() => tasks.push(t),
+                    Ok(_) => {
+                        all = false;
+                        break;
+                    }
+                    // Pruned meanwhile: nothing more will happen to it.
+                    Err(_) => {}
+                }
+            }
+            if all {
+                done.push((*token, tasks));
+            }
+        }
+        for (token, tasks) in done {
+            let tasks = tasks
+                .iter()
+                .map(|t| view::task_json(t, &[], None, &view::log_path(&self.opts.state_dir, t.id)))
+                .collect();
+            if let Some(c) = self.conns.get_mut(&token) {
+                c.waiting = None;
+            }
+            self.reply(token, &FromQueue::Finished { tasks });
+        }
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+}
+
+/// Kills every process of one attempt of one task of this queue, found by the variables
+/// every task's process inherits: its program and whatever it started, also what left its
+/// process group. Run only when an attempt is lost, so a scan of /proc is affordable.
+pub fn kill_attempt(state_dir: &Path, id: i64, attempt: u32) -> usize {
+    kill_marked(&[
+        format!("NEXUS_TASK_ID={id}"),
+        format!("NEXUS_TASK_ATTEMPT={attempt}"),
+        format!("NEXUS_TASK_QUEUE={}", state_dir.display()),
+    ])
+}
+
+/// Every process of every task of this queue (`stop`: nothing is left running).
+pub fn kill_all_tasks(state_dir: &Path) -> usize {
+    kill_marked(&[format!("NEXUS_TASK_QUEUE={}", state_dir.display())])
+}
+
+fn kill_marked(marks: &[String]) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let has = |m: &str| env.split(|&b| b == 0).any(|v| v == m.as_bytes());
+        if marks.iter().all(|m| has(m)) {
+            // SAFETY: a plain kill of a pid we just identified as one of the queue's.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed += 1;
+        }
+    }
+    killed
+}
