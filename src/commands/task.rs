@@ -212,31 +212,81 @@ fn unexpected(m: FromQueue) -> String {
     }
 }
 
-/// One request, one answer line. `wait` may take as long as the tasks do.
+/// One request, one answer line. `wait` may take as long as the tasks do. Across a
+/// change of master (its socket briefly gone, or a connection cut), a request is tried
+/// again for a few seconds: any request that was never sent, and one that only reads.
 fn ask_with(
     dir: &RuntimeDir,
     req: &ToQueue,
     timeout: Option<Duration>,
 ) -> Result<FromQueue, String> {
+    let reads_only = matches!(
+        req,
+        ToQueue::Status { .. } | ToQueue::List { .. } | ToQueue::Overview {} | ToQueue::Wait { .. }
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = String::new();
+    for _ in 0..200 {
+        match ask_once(dir, req, timeout) {
+            Ok(m) => return Ok(m),
+            Err(Attempt::Final(e)) => return Err(e),
+            Err(Attempt::NotSent(e)) => {
+                // Nobody holds the lock: not a failover, simply not running.
+                if !crate::runtime_dir::LeaderLock::is_held(&dir.leader_lock()) {
+                    return Err(e);
+                }
+                last = e;
+            }
+            Err(Attempt::Cut(e)) if reads_only => last = e,
+            Err(Attempt::Cut(e)) => {
+                return Err(format!(
+                    "{e}; the master changed while it answered: check with `nexus task list` before submitting again"
+                ));
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(last)
+}
+
+enum Attempt {
+    /// The queue's answer (an error it gave, a timeout): no second try.
+    Final(String),
+    /// Nothing reached the queue.
+    NotSent(String),
+    /// Sent, but the connection ended without an answer.
+    Cut(String),
+}
+
+fn ask_once(
+    dir: &RuntimeDir,
+    req: &ToQueue,
+    timeout: Option<Duration>,
+) -> Result<FromQueue, Attempt> {
     let path = dir.tasks_socket();
     let mut s = UnixStream::connect(&path).map_err(|e| {
-        if matches!(
-            e.kind(),
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-        ) {
-            format!(
-                "nexus is not running in {} (no task queue at {}); start it with ./start",
-                dir.display(),
-                path.display()
-            )
-        } else {
-            format!("cannot connect to {}: {e}", path.display())
-        }
+        Attempt::NotSent(
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) {
+                format!(
+                    "nexus is not running in {} (no task queue at {}); start it with ./start",
+                    dir.display(),
+                    path.display()
+                )
+            } else {
+                format!("cannot connect to {}: {e}", path.display())
+            },
+        )
     })?;
     s.set_read_timeout(timeout).ok();
     s.set_write_timeout(Some(REQUEST_TIMEOUT)).ok();
     s.write_all(&wire::encode(req))
-        .map_err(|e| format!("cannot send to the task queue: {e}"))?;
+        .map_err(|e| Attempt::NotSent(format!("cannot send to the task queue: {e}")))?;
     let mut reader = BufReader::new(s).take(MAX_REPLY as u64);
     let mut line = Vec::new();
     reader.read_until(b'\n', &mut line).map_err(|e| {
@@ -244,21 +294,25 @@ fn ask_with(
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
         ) {
-            format!(
+            Attempt::Final(format!(
                 "the task queue did not answer within {} s",
                 REQUEST_TIMEOUT.as_secs()
-            )
+            ))
         } else {
-            format!("cannot read the task queue's answer: {e}")
+            Attempt::Cut(format!("cannot read the task queue's answer: {e}"))
         }
     })?;
     if line.is_empty() {
-        return Err("the task queue closed the connection without an answer (the master may have just changed; try again)".into());
+        return Err(Attempt::Cut(
+            "the task queue closed the connection without an answer".into(),
+        ));
     }
     match serde_json::from_slice::<FromQueue>(&line) {
-        Ok(FromQueue::Error { message }) => Err(message),
+        Ok(FromQueue::Error { message }) => Err(Attempt::Final(message)),
         Ok(m) => Ok(m),
-        Err(e) => Err(format!("garbled answer from the task queue: {e}")),
+        Err(e) => Err(Attempt::Final(format!(
+            "garbled answer from the task queue: {e}"
+        ))),
     }
 }
 

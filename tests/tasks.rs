@@ -1,0 +1,373 @@
+//! The task queue on real clusters: submit → a worker runs it; retries, timeouts,
+//! cancels, `--after`, capabilities; a worker's SIGKILL re-queues at once; SIGKILL of
+//! every process then `start` finishes every task; bad input stores nothing; a broken
+//! database degrades the queue, not the cluster.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const CONFIG: &str = r#"{"workflows": 3, "interval_ms": 100, "timeout_ms": 1000, "stop_grace_ms": 1000,
+  "workers": [{"workflows": [1], "capabilities": ["gpu"], "concurrency": 2}],
+  "actions": {"echo": {"command": ["sh", "-c", "cat; echo; echo attempt=$NEXUS_TASK_ATTEMPT"]}}}"#;
+
+fn submit(c: &Cluster, args: &[&str]) -> i64 {
+    let mut a = vec!["task", "submit"];
+    a.extend_from_slice(args);
+    let out = c.nexus(&a);
+    assert!(out.status.success(), "submit {args:?}: {}", text(&out));
+    let s = String::from_utf8_lossy(&out.stdout);
+    s.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("submit printed {s:?}, not an id alone"))
+}
+
+fn task(c: &Cluster, id: i64) -> Value {
+    let out = c.nexus(&["task", "status", &id.to_string(), "--json"]);
+    assert!(out.status.success(), "status {id}: {}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("status --json")
+}
+
+fn wait_state(c: &Cluster, id: i64, state: &str, within: Duration) -> Value {
+    let mut last = Value::Null;
+    wait_until(&format!("task {id} {state}"), within, || {
+        last = task(c, id);
+        last["state"] == state
+    });
+    last
+}
+
+fn task_events(c: &Cluster, id: i64) -> Vec<String> {
+    c.events()
+        .into_iter()
+        .filter(|e| e["task"] == id)
+        .map(|e| e["event"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
+    let c = Cluster::new(CONFIG);
+    c.start();
+    // An action: the task's JSON on stdin, its attempt in the environment, stdout the result.
+    let echo = submit(&c, &[r#"{"action": "echo", "n": 7}"#]);
+    let out = c.nexus(&["task", "wait", &echo.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = task(&c, echo);
+    assert_eq!(t["state"], "succeeded");
+    assert_eq!(t["exit_code"], 0);
+    assert_eq!(
+        t["result"], "{\"action\": \"echo\", \"n\": 7}\nattempt=1",
+        "{t}"
+    );
+    // A result that parses is kept as JSON.
+    let js = submit(
+        &c,
+        &[r#"{"command": ["echo", "{\"ok\": true}"]}"#, "--wait"],
+    );
+    assert_eq!(task(&c, js)["result"]["ok"], true);
+    // Fails once, then succeeds: retried with its attempts kept.
+    let flag = c.path().join("flag");
+    let script = format!(
+        "if [ -e {f} ]; then echo second; else touch {f}; exit 4; fi",
+        f = flag.display()
+    );
+    let flaky = submit(
+        &c,
+        &[
+            &serde_json::json!({"command": ["sh", "-c", script]}).to_string(),
+            "--max-attempts",
+            "3",
+        ],
+    );
+    // A timeout kills its group; with one attempt it fails.
+    let slow = submit(
+        &c,
+        &[
+            r#"{"command": ["sh", "-c", "sleep 30 & sleep 30"]}"#,
+            "--timeout-ms",
+            "300",
+            "--max-attempts",
+            "1",
+        ],
+    );
+    // Needs a capability only workflow-1 has; another nobody has.
+    let gpu = submit(
+        &c,
+        &[r#"{"command": ["true"], "required_capabilities": ["gpu"]}"#],
+    );
+    let tpu = submit(
+        &c,
+        &[r#"{"command": ["true"], "required_capabilities": ["tpu"]}"#],
+    );
+    // Cancelled while running: killed.
+    let long = submit(&c, &[r#"{"command": ["sleep", "30"]}"#]);
+    let after = submit(
+        &c,
+        &[
+            r#"{"command": ["echo", "chained"]}"#,
+            "--after",
+            &flaky.to_string(),
+        ],
+    );
+    let running = wait_state(&c, long, "running", Duration::from_secs(10));
+    wait_until("the long task's pid", Duration::from_secs(10), || {
+        task(&c, long)["pid"].as_i64().is_some()
+    });
+    let pid = task(&c, long)["pid"].as_i64().unwrap() as i32;
+    let _ = running;
+    let out = c.nexus(&["task", "cancel", &long.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until(
+        "the cancelled task's program killed",
+        Duration::from_secs(10),
+        || gone(pid),
+    );
+
+    let out = c.nexus(&[
+        "task",
+        "wait",
+        &flaky.to_string(),
+        &slow.to_string(),
+        &gpu.to_string(),
+        &after.to_string(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the timeout's failure: {}",
+        text(&out)
+    );
+    let f = task(&c, flaky);
+    assert_eq!(
+        (f["state"].as_str(), f["attempts"].as_i64()),
+        (Some("succeeded"), Some(2)),
+        "{f}"
+    );
+    assert_eq!(f["history"][0]["exit_code"], 4);
+    assert_eq!(f["result"], "second");
+    let s = task(&c, slow);
+    assert_eq!(s["state"], "failed");
+    assert!(
+        s["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 300 ms"),
+        "{s}"
+    );
+    assert_eq!(task(&c, gpu)["worker"], "workflow-1");
+    assert_eq!(task(&c, after)["result"], "chained");
+    let t = task(&c, tpu);
+    assert_eq!(t["state"], "queued");
+    assert!(
+        t["waiting"]
+            .as_str()
+            .unwrap()
+            .contains("no worker has the capabilities [\"tpu\"]"),
+        "{t}"
+    );
+    assert_eq!(task(&c, long)["state"], "cancelled");
+    // The ledger tells each story.
+    assert_eq!(
+        task_events(&c, flaky),
+        [
+            "task_submitted",
+            "task_started",
+            "task_retry",
+            "task_started",
+            "task_succeeded"
+        ]
+    );
+    assert!(task_events(&c, long).contains(&"task_cancelled".to_string()));
+    let out = c.nexus(&["events", "--event", "task_failed", "--json", "-n", "100"]);
+    let failed: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["task"], slow);
+    // The log holds every attempt's output.
+    let out = c.nexus(&["task", "logs", &flaky.to_string()]);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        log.contains("attempt 1 on") && log.contains("attempt 2 on") && log.contains("second"),
+        "{log}"
+    );
+    // status and metrics show the queue.
+    let st = c.status_json();
+    assert_eq!(st["tasks"]["counts"]["queued"], 1, "{}", st["tasks"]);
+    assert_eq!(st["tasks"]["workers"].as_array().unwrap().len(), 3);
+    let out = c.nexus(&["metrics"]);
+    let m = String::from_utf8_lossy(&out.stdout);
+    assert!(m.contains("nexus_tasks{state=\"succeeded\"} 5"), "{m}");
+    // retry by hand of the failed one gives it fresh attempts.
+    let out = c.nexus(&["task", "retry", &slow.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let s = wait_state(&c, slow, "failed", Duration::from_secs(10));
+    assert_eq!(s["attempts"], 2);
+}
+
+#[test]
+fn a_killed_or_hung_worker_has_its_task_requeued_at_once() {
+    let c = Cluster::new(CONFIG);
+    c.start();
+    let id = submit(&c, &[r#"{"command": ["sh", "-c", "sleep 1; echo done"]}"#]);
+    wait_until("the task's pid", Duration::from_secs(10), || {
+        task(&c, id)["pid"].as_i64().is_some()
+    });
+    let t = task(&c, id);
+    let worker = t["worker"].as_str().unwrap().to_string();
+    let first = t["pid"].as_i64().unwrap() as i32;
+    let wid: u32 = worker.trim_start_matches("workflow-").parse().unwrap();
+    signal(c.pid_of("workflow", wid).unwrap(), libc::SIGKILL);
+    // Re-queued and started again well before any lease could have run out.
+    wait_until("attempt 2 running", Duration::from_secs(5), || {
+        let t = task(&c, id);
+        t["attempts"] == 2 && t["pid"].as_i64().is_some_and(|p| p as i32 != first)
+    });
+    wait_until(
+        "the first attempt's program killed",
+        Duration::from_secs(5),
+        || gone(first),
+    );
+    let t = wait_state(&c, id, "succeeded", Duration::from_secs(10));
+    assert!(
+        t["history"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("its worker {worker}")),
+        "{t}"
+    );
+    // Hung: SIGSTOP the worker; the watchdogs' verdict (1 s here) re-queues it.
+    let id = submit(&c, &[r#"{"command": ["sh", "-c", "sleep 1; echo done"]}"#]);
+    wait_until("the task's pid", Duration::from_secs(10), || {
+        task(&c, id)["pid"].as_i64().is_some()
+    });
+    let wid: u32 = task(&c, id)["worker"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("workflow-")
+        .parse()
+        .unwrap();
+    signal(c.pid_of("workflow", wid).unwrap(), libc::SIGSTOP);
+    let t = wait_state(&c, id, "succeeded", Duration::from_secs(15));
+    assert_eq!(t["attempts"], 2, "{t}");
+}
+
+#[test]
+fn sigkill_of_everything_then_start_finishes_every_task() {
+    let c = Cluster::new(CONFIG);
+    c.start();
+    let ids: Vec<i64> = (0..6)
+        .map(|_| submit(&c, &[r#"{"command": ["sh", "-c", "sleep 0.5; echo ok"]}"#]))
+        .collect();
+    wait_until("some running", Duration::from_secs(10), || {
+        ids.iter().any(|id| task(&c, *id)["state"] == "running")
+    });
+    // Every nexus process and every task's process, at once.
+    kill_all(c.path());
+    c.start();
+    let out = c.nexus(&["task", "wait", &ids[0].to_string(), &ids[5].to_string()]);
+    let _ = out;
+    for id in &ids {
+        let t = wait_state(&c, *id, "succeeded", Duration::from_secs(20));
+        assert_eq!(t["result"], "ok");
+    }
+    // Those that were running were re-queued with the attempt counted.
+    assert!(ids.iter().any(|id| task(&c, *id)["attempts"] == 2));
+    // And the master changing hands loses nothing, runs nothing twice.
+    let id = submit(&c, &[r#"{"command": ["sh", "-c", "sleep 1; echo once"]}"#]);
+    wait_state(&c, id, "running", Duration::from_secs(10));
+    signal(c.master_pid(), libc::SIGKILL);
+    let t = wait_state(&c, id, "succeeded", Duration::from_secs(15));
+    assert_eq!(t["attempts"], 1, "the failover did not re-run it: {t}");
+}
+
+#[test]
+fn bad_input_is_one_line_and_stores_nothing() {
+    let c = Cluster::new(CONFIG);
+    c.start();
+    for (args, says) in [
+        (vec!["{nope"], "not valid JSON"),
+        (vec![r#"{"action": "nope"}"#], "unknown action \"nope\""),
+        (
+            vec![r#"{"command": ["true"]}"#, "--priority", "5000"],
+            "--priority takes",
+        ),
+        (
+            vec![r#"{"command": ["true"]}"#, "--after", "999"],
+            "no task 999",
+        ),
+        (
+            vec![r#"{"command": ["true"]}"#, "--bogus"],
+            "unknown option --bogus",
+        ),
+        (vec![r#"{"command": []}"#], "empty"),
+        (vec![], "needs the task's JSON"),
+    ] {
+        let mut a = vec!["task", "submit"];
+        a.extend_from_slice(&args);
+        let out = c.nexus(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(out.stdout.is_empty(), "{args:?}: {}", text(&out));
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let out = c.nexus(&["task", "list", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tasks"].as_array().unwrap().len(), 0, "{v}");
+    // A program that cannot be executed: the task fails with the errno.
+    let id = submit(
+        &c,
+        &[
+            r#"{"command": ["/no/such/program"]}"#,
+            "--max-attempts",
+            "1",
+        ],
+    );
+    let t = wait_state(&c, id, "failed", Duration::from_secs(10));
+    assert!(t["error"].as_str().unwrap().contains("ENOENT"), "{t}");
+    // Garbage on the queue's socket is answered, never fatal.
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(c.path().join("tasks.sock")).unwrap();
+    s.write_all(b"garbage\n").unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.contains("not a request"), "{answer}");
+    assert!(submit(&c, &[r#"{"command": ["true"]}"#]) > 0);
+}
+
+#[test]
+fn a_broken_database_degrades_the_queue_not_the_cluster() {
+    let c = Cluster::new(CONFIG);
+    let state = c.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("tasks.db"), vec![b'x'; 8192]).unwrap();
+    c.start();
+    let out = c.nexus(&["task", "submit", r#"{"command": ["true"]}"#]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("task queue is unavailable") && err.contains("tasks.db"),
+        "{err}"
+    );
+    // The daemons go on.
+    let out = c.nexus(&["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tasks: UNAVAILABLE"));
+    // Repaired: the queue comes back by itself.
+    std::fs::remove_file(state.join("tasks.db")).unwrap();
+    let mut id = 0;
+    wait_until("the queue back", Duration::from_secs(10), || {
+        let out = c.nexus(&["task", "submit", r#"{"command": ["true"]}"#, "--wait"]);
+        if out.status.success() {
+            id = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        }
+        out.status.success()
+    });
+    assert_eq!(task(&c, id)["state"], "succeeded");
+}
