@@ -279,6 +279,15 @@ impl Config {
             crate::runtime_dir::RuntimeDir::at(config_file.parent().unwrap_or(Path::new(".")))
                 .path()
                 .to_path_buf();
+        for a in self.actions.values_mut() {
+            a.cwd = Some(match a.cwd.take() {
+                Some(c) if c.is_absolute() => c,
+                Some(c) => crate::runtime_dir::RuntimeDir::at(&base.join(c))
+                    .path()
+                    .to_path_buf(),
+                None => base.clone(),
+            });
+        }
         for s in &mut self.services {
             s.cwd = Some(match s.cwd.take() {
                 Some(c) if c.is_absolute() => c,

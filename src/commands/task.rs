@@ -402,7 +402,10 @@ pub fn submission(
         delay_ms: 0,
         after: None,
         unique: None,
-        cwd: cwd.map(|p| p.display().to_string()),
+        cwd: action
+            .and_then(|a| a.cwd.as_deref())
+            .or(cwd)
+            .map(|p| p.display().to_string()),
     })
 }
 

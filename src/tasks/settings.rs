@@ -20,6 +20,10 @@ pub struct Action {
     pub max_attempts: Option<u32>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub required_capabilities: Vec<String>,
+    /// Where it runs: relative to the config file's directory, which is the default
+    /// (made absolute when the config is loaded, like a service's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<PathBuf>,
 }
 
 /// What some workflows offer as workers.
@@ -51,6 +55,10 @@ pub const ACTION_KEYS: &[(&str, &str)] = &[
     (
         "required_capabilities",
         "capabilities a worker needs to run it, added to the task's own",
+    ),
+    (
+        "cwd",
+        "where it runs, relative to the config file's directory (the default)",
     ),
 ];
 
@@ -163,6 +171,7 @@ pub fn parse_actions(v: &Value, problems: &mut Problems) -> BTreeMap<String, Act
             timeout_ms: None,
             max_attempts: None,
             required_capabilities: Vec::new(),
+            cwd: None,
         };
         let before = problems.0.len();
         for (key, value) in obj {
@@ -187,6 +196,13 @@ pub fn parse_actions(v: &Value, problems: &mut Problems) -> BTreeMap<String, Act
                     action.required_capabilities =
                         capability_list(&what, value, problems).unwrap_or_default()
                 }
+                "cwd" => match value {
+                    Value::String(d) if !d.is_empty() => action.cwd = Some(PathBuf::from(d)),
+                    other => problems.push(format!(
+                        "{what} must be a directory path, got {}",
+                        describe(other)
+                    )),
+                },
                 _ => {
                     let known: Vec<&str> = ACTION_KEYS.iter().map(|(k, _)| *k).collect();
                     problems.push(format!(
