@@ -72,7 +72,7 @@ fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
     // Fails once, then succeeds: retried with its attempts kept.
     let flag = c.path().join("flag");
     let script = format!(
-        "if [ -e {f} ]; then echo second; else touch {f}; exit 4; fi",
+        "if [ -e {f} ]; then echo second; else echo first >&2; touch {f}; exit 4; fi",
         f = flag.display()
     );
     let flaky = submit(
@@ -193,7 +193,10 @@ fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
     let out = c.nexus(&["task", "logs", &flaky.to_string()]);
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(
-        log.contains("attempt 1 on") && log.contains("attempt 2 on") && log.contains("second"),
+        log.contains("attempt 1 on")
+            && log.contains("first")
+            && log.contains("attempt 2 on")
+            && log.contains("second"),
         "{log}"
     );
     // status and metrics show the queue.

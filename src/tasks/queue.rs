@@ -78,8 +78,8 @@ struct Conn {
     out: Vec<u8>,
     /// The worker this connection is, once it said hello.
     worker: Option<u32>,
-    /// A `task wait` waiting for these.
-    waiting: Option<Vec<i64>>,
+    /// A `task wait`: the ids it asked for, and those of them not finished yet.
+    waiting: Option<(Vec<i64>, std::collections::BTreeSet<i64>)>,
     /// Close once `out` is written (a CLI's answer).
     close_when_flushed: bool,
     writable: bool,
@@ -121,6 +121,8 @@ struct Queue {
     next_due: Option<Instant>,
     next_prune: Instant,
     dirty: bool,
+    /// A batch transaction is open (see `run`).
+    in_batch: bool,
     ledger: Appender,
     rng: crate::daemon::Rng,
 }
@@ -154,6 +156,7 @@ impl Queue {
             next_due: None,
             next_prune: Instant::now() + PRUNE_EVERY,
             dirty: true,
+            in_batch: false,
             ledger,
             rng: crate::daemon::Rng::seeded(seed),
         })
@@ -162,21 +165,9 @@ impl Queue {
     fn run(&mut self) {
         let mut events = Events::with_capacity(128);
         loop {
-            let now = Instant::now();
-            self.on_timers(now);
-            if self.dirty {
-                self.dirty = false;
-                self.dispatch();
-            }
-            let timeout = self
-                .next_wake()
-                .map(|t| t.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.poll.poll(&mut events, timeout)
-                && e.kind() != io::ErrorKind::Interrupted
-            {
-                log::error!("the task queue's poll failed: {e}");
-                return;
-            }
+            // One commit for the whole turn: every result and start it handled, and the
+            // dispatch that followed (a durable request commits apart, before its answer).
+            self.batch_begin();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -190,6 +181,40 @@ impl Queue {
                     }
                 }
             }
+            let now = Instant::now();
+            self.on_timers(now);
+            if self.dirty {
+                self.dirty = false;
+                self.dispatch();
+            }
+            self.batch_end();
+            let timeout = self
+                .next_wake()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout)
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                log::error!("the task queue's poll failed: {e}");
+                return;
+            }
+        }
+    }
+
+    fn batch_begin(&mut self) {
+        if let Some(store) = self.store.as_ref() {
+            match store.begin_batch() {
+                Ok(()) => self.in_batch = true,
+                Err(e) => self.failed(&e),
+            }
+        }
+    }
+
+    fn batch_end(&mut self) {
+        if std::mem::take(&mut self.in_batch)
+            && let Some(store) = self.store.as_ref()
+            && let Err(e) = store.commit_batch()
+        {
+            self.failed(&e);
         }
     }
 
@@ -226,6 +251,7 @@ impl Queue {
             log::warn!("the task queue is unavailable: {msg}; retrying each second");
             self.db_error = Some(msg.clone());
             self.store = None;
+            self.in_batch = false;
             self.lock = None;
             self.next_reopen = Instant::now() + REOPEN_EVERY;
         }
@@ -371,7 +397,7 @@ impl Queue {
             detail: error.map(str::to_string),
             ..Event::new(event)
         });
-        self.notify_waiters();
+        self.notify_waiters(Some(id));
     }
 
     fn on_timers(&mut self, now: Instant) {
@@ -760,6 +786,10 @@ impl Queue {
                 if let Some(a) = answer {
                     self.reply(token, &a);
                 }
+                // A durable request committed on its own: the rest of the turn batches again.
+                if !self.in_batch {
+                    self.batch_begin();
+                }
             }
         }
     }
@@ -848,49 +878,57 @@ impl Queue {
                         why: "superseded".into(),
                     },
                 );
-            } else if h.pid > 0 {
-                self.acks.remove(&(h.id, h.attempt));
+            } else if h.pid == 0 {
+                // Its start is still to be confirmed.
+                self.acks
+                    .insert((h.id, h.attempt), Instant::now() + self.opts.ack_timeout);
             }
         }
         self.dirty = true;
     }
 
+    /// The acknowledgement. Kept in memory only (a database write per task saved): the
+    /// pid is for `task status`, and after a failover the workers say it again. An
+    /// attempt no longer awaited (lost at its deadline, or unknown) is killed.
     fn started(&mut self, token: Token, id: i64, attempt: u32, pid: i32) {
         let Some(worker) = self.conns.get(&token).and_then(|c| c.worker) else {
             return;
         };
-        self.acks.remove(&(id, attempt));
+        if self.acks.remove(&(id, attempt)).is_none() {
+            log::info!(
+                "task {id} attempt {attempt} started on workflow-{worker} after it was superseded: killing it"
+            );
+            self.tell_worker(
+                worker,
+                &FromQueue::Kill {
+                    id,
+                    attempt,
+                    why: "superseded".into(),
+                },
+            );
+            return;
+        }
         if let Some(w) = self.workers.get_mut(&worker)
             && let Some(p) = w.running.get_mut(&(id, attempt))
         {
             *p = pid;
         }
-        let Some(store) = self.store.as_mut() else {
-            return;
-        };
-        match store.started(id, attempt, pid) {
-            Ok(true) => self.ledger.append(&Event {
-                task: Some(id),
-                attempt: Some(attempt),
-                workflow: Some(worker),
-                pid: Some(pid),
-                ..Event::new("task_started")
-            }),
-            Ok(false) => {
-                log::info!(
-                    "task {id} attempt {attempt} started on workflow-{worker} after it was superseded: killing it"
-                );
-                self.tell_worker(
-                    worker,
-                    &FromQueue::Kill {
-                        id,
-                        attempt,
-                        why: "superseded".into(),
-                    },
-                );
-            }
-            Err(e) => self.failed(&e),
-        }
+        self.ledger.append(&Event {
+            task: Some(id),
+            attempt: Some(attempt),
+            workflow: Some(worker),
+            pid: Some(pid),
+            ..Event::new("task_started")
+        });
+    }
+
+    /// The pid of a running attempt, as its worker said.
+    fn live_pid(&self, id: i64, attempt: u32) -> Option<i32> {
+        self.workers
+            .values()
+            .find_map(|w| w.running.get(&(id, attempt)))
+            .copied()
+            .filter(|p| *p > 0)
     }
 
     fn ended(&mut self, token: Token, o: Outcome) {
@@ -964,6 +1002,8 @@ impl Queue {
         let now_ms = unix_ms_now();
         match msg {
             ToQueue::Submit(s) => {
+                // What it acknowledges must not wait for the rest of the turn.
+                self.batch_end();
                 if s.spec.len() > wire::SPEC_MAX {
                     return err(format!(
                         "the task's JSON is {} bytes; at most {} reach its stdin",
@@ -1032,12 +1072,15 @@ impl Queue {
                     Ok(rows) => {
                         let next = (rows.len() as u32 == limit).then(|| rows[rows.len() - 1].id);
                         let tasks = rows
-                            .iter()
-                            .map(|r| {
+                            .into_iter()
+                            .map(|mut r| {
+                                if r.state == TaskState::Running {
+                                    r.pid = self.live_pid(r.id, r.attempts);
+                                }
                                 view::task_json(
-                                    r,
+                                    &r,
                                     &[],
-                                    self.reason(r, now_ms),
+                                    self.reason(&r, now_ms),
                                     &view::log_path(&self.opts.state_dir, r.id),
                                 )
                             })
@@ -1051,6 +1094,8 @@ impl Queue {
                 }
             }
             ToQueue::Cancel { id } => {
+                // What it acknowledges must not wait for the rest of the turn.
+                self.batch_end();
                 let store = self.store.as_mut()?;
                 let r = store
                     .set_durability(Durability::Full)
@@ -1091,6 +1136,8 @@ impl Queue {
                 }
             }
             ToQueue::Retry { id } => {
+                // What it acknowledges must not wait for the rest of the turn.
+                self.batch_end();
                 let store = self.store.as_mut()?;
                 let r = store
                     .set_durability(Durability::Full)
@@ -1121,10 +1168,16 @@ impl Queue {
                         return err(e.to_string());
                     }
                 }
-                if let Some(c) = self.conns.get_mut(&token) {
-                    c.waiting = Some(ids);
+                let mut remaining = std::collections::BTreeSet::new();
+                for id in &ids {
+                    if store.get(*id).is_ok_and(|t| !t.state.is_final()) {
+                        remaining.insert(*id);
+                    }
                 }
-                self.notify_waiters();
+                if let Some(c) = self.conns.get_mut(&token) {
+                    c.waiting = Some((ids, remaining));
+                }
+                self.notify_waiters(None);
                 None
             }
             ToQueue::Overview {} => Some(FromQueue::Overview {
@@ -1167,8 +1220,11 @@ impl Queue {
             .store
             .as_ref()
             .ok_or_else(|| StoreError::Db("not open".into()))?;
-        let row = store.get(id)?;
+        let mut row = store.get(id)?;
         let history = store.attempts(id)?;
+        if row.state == TaskState::Running {
+            row.pid = self.live_pid(id, row.attempts);
+        }
         Ok(view::task_json(
             &row,
             &history,
@@ -1222,39 +1278,35 @@ impl Queue {
         })
     }
 
-    /// Answers every `task wait` whose tasks are all finished.
-    fn notify_waiters(&mut self) {
-        let Some(store) = self.store.as_ref() else {
-            return;
-        };
+    /// Answers every `task wait` whose tasks are all finished, `ended` being the one that
+    /// just finished: each waiter keeps what it still waits for, so a wait for thousands
+    /// of tasks costs one set removal per task, not a look at each of them.
+    fn notify_waiters(&mut self, ended: Option<i64>) {
         let mut done = Vec::new();
-        for (token, c) in &self.conns {
-            let Some(ids) = &c.waiting else { continue };
-            let mut tasks = Vec::new();
-            let mut all = true;
-            for id in ids {
-                match store.get(*id) {
-                    Ok(t) if t.state.is_final() => tasks.push(t),
-                    Ok(_) => {
-                        all = false;
-                        break;
-                    }
-                    // Pruned meanwhile: nothing more will happen to it.
-                    Err(_) => {}
-                }
+        for (token, c) in self.conns.iter_mut() {
+            let Some((ids, remaining)) = c.waiting.as_mut() else {
+                continue;
+            };
+            if let Some(id) = ended {
+                remaining.remove(&id);
             }
-            if all {
-                done.push((*token, tasks));
-            }
-        }
-        for (token, tasks) in done {
-            let tasks = tasks
-                .iter()
-                .map(|t| view::task_json(t, &[], None, &view::log_path(&self.opts.state_dir, t.id)))
-                .collect();
-            if let Some(c) = self.conns.get_mut(&token) {
+            if remaining.is_empty() {
+                done.push((*token, std::mem::take(ids)));
                 c.waiting = None;
             }
+        }
+        for (token, ids) in done {
+            let Some(store) = self.store.as_ref() else {
+                return;
+            };
+            // Pruned meanwhile: nothing more happens to it, and there is nothing to show.
+            let tasks = ids
+                .iter()
+                .filter_map(|id| store.get(*id).ok())
+                .map(|t| {
+                    view::task_json(&t, &[], None, &view::log_path(&self.opts.state_dir, t.id))
+                })
+                .collect();
             self.reply(token, &FromQueue::Finished { tasks });
         }
     }

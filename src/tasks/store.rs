@@ -6,15 +6,16 @@
 //! are committed with `NORMAL`: they survive the death of any process, and a power cut
 //! can only lose the last of them, which re-runs a task (at-least-once) but never loses
 //! one; that saves an fsync per task on the dispatch path. Every change is one
-//! `BEGIN IMMEDIATE` transaction, so the master's dispatch and a CLI's submit or cancel
-//! never interleave; readers are never blocked (WAL).
+//! transaction (a savepoint, so that the owner can also group a loop turn's changes into
+//! one commit: `begin_batch`); the owner is the only writer, and readers are never
+//! blocked (WAL).
 //!
 //! A task's life is `lifecycle::Life`: this module loads it, lets it decide, and stores
 //! what it decided, in the same transaction.
 
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::tasks::lifecycle::{Ending, Life, Refused, RetryBackoff, TaskState};
@@ -43,9 +44,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_at_ms INTEGER,
     cwd TEXT,
     pid INTEGER,
-    worker_pid INTEGER
+    worker_pid INTEGER,
+    -- 1 once nothing it runs `--after` stands in its way: kept up to date when the parent
+    -- succeeds, so that thousands of waiting dependents cost a claim nothing.
+    ready INTEGER NOT NULL DEFAULT 1
 );
-CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, priority DESC, id);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, ready, priority DESC, id);
+CREATE INDEX IF NOT EXISTS tasks_by_parent ON tasks (after_id) WHERE after_id IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_live_unique ON tasks (unique_key)
     WHERE unique_key IS NOT NULL AND state IN ('queued', 'running', 'retrying');
 CREATE TABLE IF NOT EXISTS attempts (
@@ -275,6 +280,22 @@ impl Store {
         Ok(Store { conn })
     }
 
+    /// Opens a transaction that the changes which follow join (each of them is a savepoint
+    /// inside it), until `commit_batch`: the queue's owner commits once per turn of its
+    /// loop rather than once per change. Without a batch, each change is its own
+    /// transaction.
+    pub fn begin_batch(&self) -> Result<(), StoreError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    pub fn commit_batch(&self) -> Result<(), StoreError> {
+        if !self.conn.is_autocommit() {
+            self.conn.execute_batch("COMMIT")?;
+        }
+        Ok(())
+    }
+
     /// Switches how this connection commits, for what follows.
     pub fn set_durability(&self, d: Durability) -> Result<(), StoreError> {
         self.conn.execute_batch(match d {
@@ -286,9 +307,7 @@ impl Store {
 
     /// Stores a new task, queued: its id.
     pub fn submit(&mut self, t: &NewTask, now_ms: u64) -> Result<i64, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.savepoint()?;
         if let Some(key) = &t.unique {
             let live: Option<i64> = tx
                 .query_row(
@@ -305,6 +324,7 @@ impl Store {
                 });
             }
         }
+        let mut ready = true;
         if let Some(after) = t.after {
             let state: Option<String> = tx
                 .query_row("SELECT state FROM tasks WHERE id = ?1", [after], |r| {
@@ -316,15 +336,15 @@ impl Store {
                 Some(s @ (TaskState::Failed | TaskState::Cancelled)) => {
                     return Err(StoreError::Refused(Refused::NotNow(s)));
                 }
-                Some(_) => {}
+                Some(s) => ready = s == TaskState::Succeeded,
             }
         }
         let not_before = now_ms.saturating_add(t.delay_ms).min(i64::MAX as u64);
         let life = Life::new(t.max_attempts, not_before);
         tx.execute(
             "INSERT INTO tasks (spec, argv, required, priority, timeout_ms, after_id, unique_key, \
-             state, attempts, max_attempts, budget, not_before_ms, submitted_at_ms, cwd) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?9, ?10, ?11, ?12)",
+             state, attempts, max_attempts, budget, not_before_ms, submitted_at_ms, cwd, ready) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?9, ?10, ?11, ?12, ?13)",
             params![
                 t.spec,
                 serde_json::to_string(&t.argv).unwrap_or_default(),
@@ -338,6 +358,7 @@ impl Store {
                 life.not_before_ms as i64,
                 now_ms as i64,
                 t.cwd,
+                ready,
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -406,9 +427,7 @@ impl Store {
         capabilities: &[String],
         now_ms: u64,
     ) -> Result<Option<(TaskRow, u32)>, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.savepoint()?;
         // Every required capability among the worker's, in SQL, so that many tasks this
         // worker cannot run never hide one it can.
         let caps = serde_json::to_string(capabilities).unwrap_or_else(|_| "[]".into());
@@ -416,9 +435,7 @@ impl Store {
             .query_row(
                 &format!(
                     "SELECT {COLUMNS} FROM tasks WHERE state IN ('queued', 'retrying') \
-                     AND not_before_ms <= ?1 \
-                     AND (after_id IS NULL OR EXISTS (SELECT 1 FROM tasks p \
-                          WHERE p.id = tasks.after_id AND p.state = 'succeeded')) \
+                     AND ready = 1 AND not_before_ms <= ?1 \
                      AND NOT EXISTS (SELECT 1 FROM json_each(tasks.required) \
                                      WHERE value NOT IN (SELECT value FROM json_each(?2))) \
                      ORDER BY priority DESC, id LIMIT 1"
@@ -459,9 +476,7 @@ impl Store {
         now_ms: u64,
         retry: &Retry,
     ) -> Result<TaskState, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.savepoint()?;
         let row = tx
             .query_row(
                 &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
@@ -482,6 +497,9 @@ impl Store {
         if state == TaskState::Failed {
             cancel_dependents(&tx, id, "failed", now_ms)?;
         }
+        if state == TaskState::Succeeded {
+            tx.execute("UPDATE tasks SET ready = 1 WHERE after_id = ?1", [id])?;
+        }
         tx.execute(
             "UPDATE attempts SET finished_at_ms = ?3, exit_code = ?4, error = ?5 \
              WHERE task_id = ?1 AND n = ?2",
@@ -493,9 +511,7 @@ impl Store {
 
     /// Cancels a live task: the worker running it, if any (to be killed).
     pub fn cancel(&mut self, id: i64, now_ms: u64) -> Result<Option<u32>, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.savepoint()?;
         let row = tx
             .query_row(
                 &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
@@ -517,16 +533,6 @@ impl Store {
         }
         tx.commit()?;
         Ok(worker)
-    }
-
-    /// The worker confirmed that attempt `attempt` runs as process (group) `pid`. False:
-    /// that attempt is no longer the current running one (a late confirmation).
-    pub fn started(&mut self, id: i64, attempt: u32, pid: i32) -> Result<bool, StoreError> {
-        let n = self.conn.execute(
-            "UPDATE tasks SET pid = ?3 WHERE id = ?1 AND attempts = ?2 AND state = 'running'",
-            params![id, attempt, pid],
-        )?;
-        Ok(n == 1)
     }
 
     /// Every running task: id, attempt, worker, worker pid, program pid.
@@ -554,7 +560,7 @@ impl Store {
     pub fn next_due_ms(&self, now_ms: u64) -> Result<Option<u64>, StoreError> {
         let v: Option<i64> = self.conn.query_row(
             "SELECT MIN(not_before_ms) FROM tasks WHERE state IN ('queued', 'retrying') \
-             AND not_before_ms > ?1",
+             AND ready = 1 AND not_before_ms > ?1",
             [now_ms as i64],
             |r| r.get(0),
         )?;
@@ -567,7 +573,7 @@ impl Store {
             .conn
             .query_row(
                 "SELECT 1 FROM tasks WHERE state IN ('queued', 'retrying') \
-                 AND not_before_ms <= ?1 LIMIT 1",
+                 AND ready = 1 AND not_before_ms <= ?1 LIMIT 1",
                 [now_ms as i64],
                 |r| r.get(0),
             )
@@ -598,9 +604,7 @@ impl Store {
     /// Removes finished tasks beyond the newest `keep` and those finished before
     /// `older_than_ms`: their ids (their logs go too).
     pub fn prune(&mut self, keep: u64, older_than_ms: u64) -> Result<Vec<i64>, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.savepoint()?;
         let ids: Vec<i64> = {
             let mut st = tx.prepare(
                 "SELECT id FROM tasks WHERE state IN ('succeeded', 'failed', 'cancelled') \
@@ -624,9 +628,7 @@ impl Store {
 
     /// Queues a failed or cancelled task again, with a fresh set of attempts.
     pub fn retry(&mut self, id: i64, now_ms: u64) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.savepoint()?;
         let row = tx
             .query_row(
                 &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
@@ -697,12 +699,7 @@ impl Store {
 
 /// The tasks waiting (`--after`) for one that will never succeed are cancelled, and theirs
 /// in turn, in the same transaction.
-fn cancel_dependents(
-    tx: &rusqlite::Transaction<'_>,
-    id: i64,
-    what: &str,
-    now_ms: u64,
-) -> Result<(), StoreError> {
+fn cancel_dependents(tx: &Connection, id: i64, what: &str, now_ms: u64) -> Result<(), StoreError> {
     let mut work = vec![id];
     let mut rounds = 0;
     while let Some(parent) = work.pop() {
@@ -733,7 +730,7 @@ fn cancel_dependents(
     Ok(())
 }
 
-fn store_life(tx: &rusqlite::Transaction<'_>, id: i64, l: &Life) -> Result<(), StoreError> {
+fn store_life(tx: &Connection, id: i64, l: &Life) -> Result<(), StoreError> {
     tx.execute(
         "UPDATE tasks SET state = ?2, attempts = ?3, max_attempts = ?4, not_before_ms = ?5, \
          worker = ?6, exit_code = ?7, error = ?8, started_at_ms = ?9, finished_at_ms = ?10, \

@@ -42,9 +42,7 @@ struct Running {
     pidfd: OwnedFd,
     stdout: Option<File>,
     stderr: Option<File>,
-    log: Option<File>,
-    logged: u64,
-    cut: bool,
+    log: TaskLog,
     result: Vec<u8>,
     deadline: Option<Instant>,
     timeout_ms: Option<u64>,
@@ -342,22 +340,19 @@ impl TaskWorker {
         if self.draining || self.tasks.len() as u32 >= self.concurrency {
             return fail(self, format!("workflow-{} had no room for it", self.id));
         }
-        let mut log = open_log(log_path);
-        let logged = log
-            .as_ref()
-            .and_then(|f| f.metadata().ok())
-            .map_or(0, |m| m.len());
-        if let Some(f) = log.as_mut()
-            && logged < LOG_MAX
-        {
-            let _ = writeln!(
-                f,
-                "--- {} attempt {attempt} on workflow-{}: {} ---",
+        let mut log = TaskLog {
+            path: log_path.to_path_buf(),
+            header: format!(
+                "--- {} attempt {attempt} on workflow-{}: {} ---\n",
                 rfc3339_now(),
                 self.id,
                 serde_json::to_string(argv).unwrap_or_default()
-            );
-        }
+            ),
+            file: None,
+            logged: 0,
+            cut: false,
+            failed: false,
+        };
         let started = (|| -> Result<(i32, OwnedFd, File, File), String> {
             let (stdin_r, stdin_w) = pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
             let (out_r, out_w) = pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
@@ -388,9 +383,7 @@ impl TaskWorker {
         let (pid, pidfd, stdout, stderr) = match started {
             Ok(s) => s,
             Err(e) => {
-                if let Some(f) = log.as_mut() {
-                    let _ = writeln!(f, "nexus: {e}");
-                }
+                log.write(format!("nexus: {e}\n").as_bytes());
                 return fail(self, e);
             }
         };
@@ -418,8 +411,6 @@ impl TaskWorker {
                 stdout: Some(stdout),
                 stderr: Some(stderr),
                 log,
-                logged,
-                cut: false,
                 result: Vec::new(),
                 deadline: timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms)),
                 timeout_ms,
@@ -517,18 +508,7 @@ fn pump(t: &mut Running, out: bool, poll: &Poll) {
                     let room = RESULT_MAX - t.result.len();
                     t.result.extend_from_slice(&chunk[..n.min(room)]);
                 }
-                if let Some(log) = t.log.as_mut() {
-                    if t.logged + n as u64 <= LOG_MAX {
-                        let _ = log.write_all(chunk);
-                        t.logged += n as u64;
-                    } else if !t.cut {
-                        let room = (LOG_MAX - t.logged.min(LOG_MAX)) as usize;
-                        let _ = log.write_all(&chunk[..room.min(n)]);
-                        let _ = writeln!(log, "\n[nexus: the log is cut at {LOG_MAX} bytes]");
-                        t.logged = LOG_MAX;
-                        t.cut = true;
-                    }
-                }
+                t.log.write(chunk);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => break,
@@ -539,17 +519,62 @@ fn pump(t: &mut Running, out: bool, poll: &Poll) {
     }
 }
 
-fn open_log(path: &Path) -> Option<File> {
-    if let Some(d) = path.parent() {
-        let _ = std::fs::create_dir_all(d);
+/// A task's log, opened at its first byte of output: most tasks write nothing, and a
+/// file created per task costs an inode allocation, the dearest step of a no-op task.
+struct TaskLog {
+    path: PathBuf,
+    /// The attempt's first line, written before its first output.
+    header: String,
+    file: Option<File>,
+    /// Bytes in the file (all attempts), up to LOG_MAX.
+    logged: u64,
+    cut: bool,
+    failed: bool,
+}
+
+impl TaskLog {
+    fn write(&mut self, chunk: &[u8]) {
+        if self.cut || self.failed {
+            return;
+        }
+        if self.file.is_none() {
+            if let Some(d) = self.path.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&self.path)
+            {
+                Ok(mut f) => {
+                    self.logged = f.metadata().map_or(0, |m| m.len());
+                    let _ = f.write_all(self.header.as_bytes());
+                    self.logged += self.header.len() as u64;
+                    self.file = Some(f);
+                }
+                Err(e) => {
+                    log::warn!("cannot open the task log {}: {e}", self.path.display());
+                    self.failed = true;
+                    return;
+                }
+            }
+        }
+        let Some(f) = self.file.as_mut() else {
+            return;
+        };
+        let n = chunk.len() as u64;
+        if self.logged + n <= LOG_MAX {
+            let _ = f.write_all(chunk);
+            self.logged += n;
+        } else {
+            let room = LOG_MAX.saturating_sub(self.logged) as usize;
+            let _ = f.write_all(&chunk[..room.min(chunk.len())]);
+            let _ = writeln!(f, "\n[nexus: the log is cut at {LOG_MAX} bytes]");
+            self.logged = LOG_MAX;
+            self.cut = true;
+        }
     }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| log::warn!("cannot open the task log {}: {e}", path.display()))
-        .ok()
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
