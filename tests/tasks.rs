@@ -206,6 +206,11 @@ fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
     let out = c.nexus(&["metrics"]);
     let m = String::from_utf8_lossy(&out.stdout);
     assert!(m.contains("nexus_tasks{state=\"succeeded\"} 5"), "{m}");
+    assert!(m.contains("nexus_task_run_seconds_count 8"), "{m}");
+    assert!(
+        m.contains("nexus_task_wait_seconds_bucket{le=\"+Inf\"} 7"),
+        "{m}"
+    );
     // retry by hand of the failed one gives it fresh attempts.
     let out = c.nexus(&["task", "retry", &slow.to_string()]);
     assert!(out.status.success(), "{}", text(&out));

@@ -329,6 +329,30 @@ fn render_tasks(out: &mut String, t: &serde_json::Value) {
             let _ = writeln!(out, "nexus_tasks{{state=\"{state}\"}} {n}");
         }
     }
+    for (key, name, help) in [
+        (
+            "wait_seconds",
+            "nexus_task_wait_seconds",
+            "From submit to the first attempt's start, over the tasks kept.",
+        ),
+        (
+            "run_seconds",
+            "nexus_task_run_seconds",
+            "Each finished attempt's run time, over the tasks kept.",
+        ),
+    ] {
+        let h = &t[key];
+        let (Some(le), Some(counts)) = (h["le"].as_array(), h["counts"].as_array()) else {
+            continue;
+        };
+        family(out, name, "histogram", help);
+        for (l, c) in le.iter().zip(counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{l}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h["count"]);
+        let _ = writeln!(out, "{name}_sum {}", h["sum"]);
+        let _ = writeln!(out, "{name}_count {}", h["count"]);
+    }
     if let Some(ws) = t["workers"].as_array() {
         family(
             out,

@@ -1269,7 +1269,13 @@ impl Queue {
                     .collect()
             })
         });
+        let (wait, run) = match self.store.as_ref().map(|s| s.durations()) {
+            Some(Ok((w, r))) => (histogram(&w), histogram(&r)),
+            _ => (histogram(&[]), histogram(&[])),
+        };
         json!({
+            "wait_seconds": wait,
+            "run_seconds": run,
             "available": self.store.is_some() || !self.wanted,
             "error": self.db_error,
             "state_dir": self.opts.state_dir,
@@ -1310,6 +1316,25 @@ impl Queue {
             self.reply(token, &FromQueue::Finished { tasks });
         }
     }
+}
+
+/// Prometheus histogram buckets (upper bounds in seconds).
+pub const BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0, 3600.0,
+];
+
+/// Cumulative counts per bucket, the sum and the count, as the metrics print them.
+pub fn histogram(xs: &[f64]) -> serde_json::Value {
+    let counts: Vec<u64> = BUCKETS
+        .iter()
+        .map(|le| xs.iter().filter(|x| **x <= *le).count() as u64)
+        .collect();
+    json!({
+        "le": BUCKETS,
+        "counts": counts,
+        "sum": xs.iter().sum::<f64>(),
+        "count": xs.len(),
+    })
 }
 
 fn pid_alive(pid: i32) -> bool {

@@ -601,6 +601,35 @@ impl Store {
         Ok(rows)
     }
 
+    /// For the metrics: each first attempt's wait (submit to start) and each finished
+    /// attempt's run time, in seconds, over the tasks kept.
+    pub fn durations(&self) -> Result<(Vec<f64>, Vec<f64>), StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT a.n, t.submitted_at_ms, a.started_at_ms, a.finished_at_ms \
+             FROM attempts a JOIN tasks t ON t.id = a.task_id",
+        )?;
+        let mut wait = Vec::new();
+        let mut run = Vec::new();
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, u32>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (n, submitted, started, finished) = row?;
+            if n == 1 {
+                wait.push((started - submitted).max(0) as f64 / 1000.0);
+            }
+            if let Some(f) = finished {
+                run.push((f - started).max(0) as f64 / 1000.0);
+            }
+        }
+        Ok((wait, run))
+    }
+
     /// Removes finished tasks beyond the newest `keep` and those finished before
     /// `older_than_ms`: their ids (their logs go too).
     pub fn prune(&mut self, keep: u64, older_than_ms: u64) -> Result<Vec<i64>, StoreError> {
