@@ -61,6 +61,10 @@ pub fn spawn(opts: Options) -> Result<(), String> {
         UnixListener::bind(&path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+    // One malloc arena for the process: a second one for this thread would hold its own
+    // pages, in a daemon that is otherwise a loop over a few small buffers.
+    // SAFETY: mallopt with an integer option, before the thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     std::thread::Builder::new()
         .name("queue".into())
         .spawn(move || match Queue::new(opts, listener) {
@@ -664,6 +668,12 @@ impl Queue {
             return;
         };
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        let big = conn.out.capacity() + conn.inbuf.capacity() > 256 * 1024;
+        drop(std::mem::take(&mut conn.out));
+        drop(std::mem::take(&mut conn.inbuf));
+        if big {
+            crate::daemon::trim_heap();
+        }
         if let Some(w) = conn.worker
             && self.workers.get(&w).is_some_and(|x| x.token == token)
         {
@@ -690,8 +700,15 @@ impl Queue {
         let Some(conn) = self.conns.get_mut(&token) else {
             return;
         };
-        conn.out.extend_from_slice(&wire::encode(msg));
+        let line = wire::encode(msg);
+        let big = line.len() > 256 * 1024;
+        conn.out.extend_from_slice(&line);
+        drop(line);
         self.flush(token);
+        if big {
+            // A page of a thousand tasks is freed once sent: give its pages back.
+            crate::daemon::trim_heap();
+        }
     }
 
     /// A CLI's answer: sent, then the connection closed.
@@ -1306,11 +1323,17 @@ impl Queue {
                 return;
             };
             // Pruned meanwhile: nothing more happens to it, and there is nothing to show.
+            // Only what `wait` prints: a wait for 10,000 tasks stays a small answer.
             let tasks = ids
                 .iter()
                 .filter_map(|id| store.get(*id).ok())
                 .map(|t| {
-                    view::task_json(&t, &[], None, &view::log_path(&self.opts.state_dir, t.id))
+                    json!({
+                        "id": t.id,
+                        "state": t.state.as_str(),
+                        "exit_code": t.exit_code,
+                        "error": t.error,
+                    })
                 })
                 .collect();
             self.reply(token, &FromQueue::Finished { tasks });
