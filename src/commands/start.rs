@@ -217,40 +217,55 @@ fn stay_in_foreground(
     Ok(())
 }
 
-/// The task queue's directory: created (0700) if missing, and it must be ours and usable,
-/// or start refuses with the reason (a queue that cannot be written loses tasks).
+/// The task queue's directory must be usable, or start refuses with the reason (a queue
+/// that cannot be written loses tasks). It is not created here: the queue makes it at
+/// its first task, so a cluster that never runs one leaves nothing behind (a benchmark's
+/// or a test script's hundred clusters included).
 fn prepare_state_dir(path: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    if !path.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(path)
-            .map_err(|e| format!("cannot create the state directory {}: {e}", path.display()))?;
-    }
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("cannot use the state directory {}: {e}", path.display()))?;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    // The directory itself, or the nearest ancestor that exists, must be ours to write.
+    let mut at = path;
+    let meta = loop {
+        match std::fs::metadata(at) {
+            Ok(m) => break m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match at.parent() {
+                Some(p) => at = p,
+                None => return Err(format!("cannot use the state directory {}", path.display())),
+            },
+            Err(e) => {
+                return Err(format!(
+                    "cannot use the state directory {}: {e}",
+                    path.display()
+                ));
+            }
+        }
+    };
     if !meta.is_dir() {
         return Err(format!(
-            "the state directory {} is not a directory",
-            path.display()
+            "the state directory {}: {} is not a directory",
+            path.display(),
+            at.display()
         ));
     }
     // SAFETY: geteuid has no preconditions.
-    if meta.uid() != unsafe { libc::geteuid() } {
+    if at == path && meta.uid() != unsafe { libc::geteuid() } {
         return Err(format!(
             "the state directory {} belongs to uid {}, not to us: choose another `state_dir`",
             path.display(),
             meta.uid()
         ));
     }
-    let probe = path.join(".nexus-write-test");
-    std::fs::write(&probe, b"").map_err(|e| {
-        format!(
-            "cannot write in the state directory {}: {e}",
-            path.display()
-        )
-    })?;
-    let _ = std::fs::remove_file(probe);
+    let c = std::ffi::CString::new(at.as_os_str().as_bytes())
+        .map_err(|_| format!("the state directory {} has a NUL byte", path.display()))?;
+    // SAFETY: access on a NUL-terminated path we own.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(format!(
+            "cannot write in the state directory {} ({}: {})",
+            path.display(),
+            at.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
     Ok(())
 }
