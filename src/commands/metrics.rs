@@ -13,7 +13,7 @@ use crate::protocol::SlotState;
 #[inline(never)]
 pub fn run(common: &Common) -> Result<i32, String> {
     let dir = common.runtime_dir()?;
-    match status::snapshot(&dir) {
+    match status::snapshot_with(&dir, true) {
         Ok(s) => {
             print!("{}", render(&s));
             Ok(0)

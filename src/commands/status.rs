@@ -87,6 +87,11 @@ struct Ages {
 
 /// Asks the master and the watchdogs; Err if no master answers.
 pub fn snapshot(dir: &RuntimeDir) -> Result<Snapshot, String> {
+    snapshot_with(dir, false)
+}
+
+/// `task_durations`: the task queue's histograms too (for `metrics`).
+pub fn snapshot_with(dir: &RuntimeDir, task_durations: bool) -> Result<Snapshot, String> {
     let report = match client::request(
         &dir.control_socket(),
         &Request::Status {},
@@ -119,7 +124,7 @@ pub fn snapshot(dir: &RuntimeDir) -> Result<Snapshot, String> {
         heartbeats_received: ages.received,
         watchdogs: ages.per_watchdog,
         counters: report.counters,
-        tasks: super::task::overview(dir),
+        tasks: super::task::overview(dir, task_durations),
     })
 }
 

@@ -14,7 +14,8 @@ use crate::config::Config;
 use crate::runtime_dir::RuntimeDir;
 use crate::tasks::lifecycle::TaskState;
 use crate::tasks::settings::{self, MAX_ATTEMPTS, MAX_TIMEOUT_MS};
-use crate::tasks::wire::{self, FromQueue, Submission, ToQueue};
+use crate::tasks::store::NewTask;
+use crate::tasks::wire::{self, FromQueue, ToQueue};
 
 pub const USAGE: &str = "\
 Usage:
@@ -41,6 +42,9 @@ States: queued, running, retrying, succeeded, failed, cancelled.
 ";
 
 pub const MAX_PRIORITY: i64 = 1000;
+/// How an answer that no queue runs begins: `status`, `list` and `logs` then read the
+/// state directory instead.
+const NOT_RUNNING: &str = "nexus is not running";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_REPLY: usize = 256 << 20;
 
@@ -222,7 +226,10 @@ fn ask_with(
 ) -> Result<FromQueue, String> {
     let reads_only = matches!(
         req,
-        ToQueue::Status { .. } | ToQueue::List { .. } | ToQueue::Overview {} | ToQueue::Wait { .. }
+        ToQueue::Status { .. }
+            | ToQueue::List { .. }
+            | ToQueue::Overview { .. }
+            | ToQueue::Wait { .. }
     );
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut last = String::new();
@@ -274,7 +281,7 @@ fn ask_once(
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) {
                 format!(
-                    "nexus is not running in {} (no task queue at {}); start it with ./start",
+                    "{NOT_RUNNING} in {} (no task queue at {}); start it with ./start",
                     dir.display(),
                     path.display()
                 )
@@ -329,7 +336,7 @@ pub fn submission(
     priority: Option<i64>,
     max_attempts: Option<u32>,
     timeout_ms: Option<u64>,
-) -> Result<Submission, String> {
+) -> Result<NewTask, String> {
     let v: Value =
         serde_json::from_str(json_text).map_err(|e| format!("the task is not valid JSON: {e}"))?;
     let Value::Object(obj) = &v else {
@@ -390,7 +397,7 @@ pub fn submission(
             wire::SPEC_MAX
         ));
     }
-    Ok(Submission {
+    Ok(NewTask {
         spec: json_text.to_string(),
         argv,
         required,
@@ -482,7 +489,7 @@ fn status(dir: &RuntimeDir, id: i64, json: bool) -> Result<i32, String> {
     let task = match ask(dir, &ToQueue::Status { id }) {
         Ok(FromQueue::Task { task }) => task,
         Ok(other) => return Err(unexpected(other)),
-        Err(e) if e.starts_with("nexus is not running") => offline_task(dir, id)?,
+        Err(e) if e.starts_with(NOT_RUNNING) => offline_task(dir, id)?,
         Err(e) => return Err(e),
     };
     if json {
@@ -574,7 +581,7 @@ fn list(dir: &RuntimeDir, f: &Flags) -> Result<i32, String> {
     let (tasks, next) = match ask(dir, &req) {
         Ok(FromQueue::Tasks { tasks, next }) => (tasks, next),
         Ok(other) => return Err(unexpected(other)),
-        Err(e) if e.starts_with("nexus is not running") => offline_list(dir, f)?,
+        Err(e) if e.starts_with(NOT_RUNNING) => offline_list(dir, f)?,
         Err(e) => return Err(e),
     };
     if f.json {
@@ -706,7 +713,7 @@ fn logs(dir: &RuntimeDir, id: i64, follow: bool) -> Result<i32, String> {
                 if !follow {
                     // Tell a task that never ran from one that does not exist.
                     return match ask(dir, &ToQueue::Status { id }).or_else(|e| {
-                        if e.starts_with("nexus is not running") {
+                        if e.starts_with(NOT_RUNNING) {
                             offline_task(dir, id).map(|task| FromQueue::Task { task })
                         } else {
                             Err(e)
@@ -754,9 +761,14 @@ fn logs(dir: &RuntimeDir, id: i64, follow: bool) -> Result<i32, String> {
     }
 }
 
-/// The queue's counts and workers, for `status` and `metrics` (None: no queue answers).
-pub fn overview(dir: &RuntimeDir) -> Option<Value> {
-    match ask_with(dir, &ToQueue::Overview {}, Some(Duration::from_secs(2))) {
+/// The queue's counts and workers, for `status` and `metrics` (None: no queue answers);
+/// `durations`: with the wait and run histograms.
+pub fn overview(dir: &RuntimeDir, durations: bool) -> Option<Value> {
+    match ask_with(
+        dir,
+        &ToQueue::Overview { durations },
+        Some(Duration::from_secs(2)),
+    ) {
         Ok(FromQueue::Overview { overview }) => Some(overview),
         _ => None,
     }

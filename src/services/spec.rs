@@ -184,7 +184,8 @@ impl Problems {
     }
 }
 
-fn describe(v: &Value) -> String {
+/// A JSON value in words, for the messages that say what a key got instead.
+pub fn describe(v: &Value) -> String {
     match v {
         Value::Null => "null".to_string(),
         Value::Bool(b) => format!("the boolean {b}"),

@@ -13,7 +13,7 @@
 //! tries to reopen it each second, while the master goes on supervising.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -28,7 +28,7 @@ use crate::ledger::{Appender, Event, unix_ms_now};
 use crate::runtime_dir::RuntimeDir;
 use crate::tasks::lifecycle::{Ending, RetryBackoff, TaskState};
 use crate::tasks::scheduler::{self, Load, Waiting};
-use crate::tasks::store::{Durability, NewTask, Retry, Store, StoreError};
+use crate::tasks::store::{Durability, Retry, Store, StoreError};
 use crate::tasks::view;
 use crate::tasks::wire::{self, FromQueue, Held, Outcome, ToQueue};
 
@@ -202,6 +202,21 @@ impl Queue {
                 return;
             }
         }
+    }
+
+    /// A change the user is told of (submit, cancel, retry): committed on its own, with
+    /// an fsync, before the answer; not held for the rest of the turn. None: no store.
+    fn durably<T>(
+        &mut self,
+        change: impl FnOnce(&mut Store) -> Result<T, StoreError>,
+    ) -> Option<Result<T, StoreError>> {
+        self.batch_end();
+        let store = self.store.as_mut()?;
+        let r = store
+            .set_durability(Durability::Full)
+            .and_then(|_| change(store));
+        let _ = store.set_durability(Durability::Normal);
+        Some(r)
     }
 
     fn batch_begin(&mut self) {
@@ -614,27 +629,12 @@ impl Queue {
 
     fn read(&mut self, token: Token) {
         let mut lines = Vec::new();
-        let mut closed = false;
+        let mut closed;
         {
             let Some(conn) = self.conns.get_mut(&token) else {
                 return;
             };
-            let mut buf = [0u8; 16384];
-            for _ in 0..1024 {
-                match conn.stream.read(&mut buf) {
-                    Ok(0) => {
-                        closed = true;
-                        break;
-                    }
-                    Ok(n) => conn.inbuf.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
+            closed = wire::read_available(&mut conn.stream, &mut conn.inbuf, 1024);
             match wire::take_lines(&mut conn.inbuf) {
                 Ok(l) => lines = l,
                 Err(e) => {
@@ -730,23 +730,7 @@ impl Queue {
     fn flush(&mut self, token: Token) {
         let mut close = false;
         if let Some(conn) = self.conns.get_mut(&token) {
-            while !conn.out.is_empty() {
-                match conn.stream.write(&conn.out) {
-                    Ok(0) => {
-                        close = true;
-                        break;
-                    }
-                    Ok(n) => {
-                        conn.out.drain(..n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        close = true;
-                        break;
-                    }
-                }
-            }
+            close = wire::write_pending(&mut conn.stream, &mut conn.out);
             let want = !conn.out.is_empty();
             if want != conn.writable {
                 conn.writable = want;
@@ -869,12 +853,12 @@ impl Queue {
             Ok(r) => r,
             Err(e) => return self.failed(&e),
         };
-        for (id, attempt, owner, _, pid) in &rows {
-            if *owner == worker && !running.iter().any(|h| h.id == *id && h.attempt == *attempt) {
-                let _ = pid;
-                if let Err(e) = self.lose(*id, *attempt, Some(worker), "its worker restarted") {
-                    return self.failed(&e);
-                }
+        for (id, attempt, owner, _, _) in &rows {
+            if *owner == worker
+                && !running.iter().any(|h| h.id == *id && h.attempt == *attempt)
+                && let Err(e) = self.lose(*id, *attempt, Some(worker), "its worker restarted")
+            {
+                return self.failed(&e);
             }
         }
         for h in running {
@@ -1003,7 +987,7 @@ impl Queue {
     /// A CLI's request: the answer now, or None when it is answered later (`wait`).
     fn answer(&mut self, token: Token, msg: ToQueue) -> Option<FromQueue> {
         let err = |message: String| Some(FromQueue::Error { message });
-        if self.store.is_none() && !self.wanted && !matches!(msg, ToQueue::Overview {}) {
+        if self.store.is_none() && !self.wanted && !matches!(msg, ToQueue::Overview { .. }) {
             self.wanted = true;
             self.open_store();
         }
@@ -1012,15 +996,13 @@ impl Queue {
                 .db_error
                 .clone()
                 .unwrap_or_else(|| "not open yet".into());
-            if !matches!(msg, ToQueue::Overview {}) {
+            if !matches!(msg, ToQueue::Overview { .. }) {
                 return err(format!("the task queue is unavailable: {why}"));
             }
         }
         let now_ms = unix_ms_now();
         match msg {
             ToQueue::Submit(s) => {
-                // What it acknowledges must not wait for the rest of the turn.
-                self.batch_end();
                 if s.spec.len() > wire::SPEC_MAX {
                     return err(format!(
                         "the task's JSON is {} bytes; at most {} reach its stdin",
@@ -1028,24 +1010,8 @@ impl Queue {
                         wire::SPEC_MAX
                     ));
                 }
-                let t = NewTask {
-                    spec: s.spec,
-                    argv: s.argv,
-                    required: s.required,
-                    priority: s.priority,
-                    max_attempts: s.max_attempts,
-                    timeout_ms: s.timeout_ms,
-                    delay_ms: s.delay_ms,
-                    after: s.after,
-                    unique: s.unique,
-                    cwd: s.cwd,
-                };
-                let store = self.store.as_mut()?;
-                // The acknowledgement promises it is on disk.
-                let r = store
-                    .set_durability(Durability::Full)
-                    .and_then(|_| store.submit(&t, now_ms));
-                let _ = store.set_durability(Durability::Normal);
+                let t = s;
+                let r = self.durably(|store| store.submit(&t, now_ms))?;
                 match r {
                     Ok(id) => {
                         self.ledger.append(&Event {
@@ -1111,14 +1077,13 @@ impl Queue {
                 }
             }
             ToQueue::Cancel { id } => {
-                // What it acknowledges must not wait for the rest of the turn.
-                self.batch_end();
-                let store = self.store.as_mut()?;
-                let r = store
-                    .set_durability(Durability::Full)
-                    .and_then(|_| store.cancel(id, now_ms));
-                let _ = store.set_durability(Durability::Normal);
-                let attempt = store.get(id).map(|t| t.attempts).unwrap_or(0);
+                let r = self.durably(|store| store.cancel(id, now_ms))?;
+                let attempt = self
+                    .store
+                    .as_ref()?
+                    .get(id)
+                    .map(|t| t.attempts)
+                    .unwrap_or(0);
                 match r {
                     Ok(worker) => {
                         self.acks.remove(&(id, attempt));
@@ -1153,13 +1118,7 @@ impl Queue {
                 }
             }
             ToQueue::Retry { id } => {
-                // What it acknowledges must not wait for the rest of the turn.
-                self.batch_end();
-                let store = self.store.as_mut()?;
-                let r = store
-                    .set_durability(Durability::Full)
-                    .and_then(|_| store.retry(id, now_ms));
-                let _ = store.set_durability(Durability::Normal);
+                let r = self.durably(|store| store.retry(id, now_ms))?;
                 match r {
                     Ok(()) => {
                         self.ledger.append(&Event {
@@ -1197,8 +1156,8 @@ impl Queue {
                 self.notify_waiters(None);
                 None
             }
-            ToQueue::Overview {} => Some(FromQueue::Overview {
-                overview: self.overview(),
+            ToQueue::Overview { durations } => Some(FromQueue::Overview {
+                overview: self.overview(durations),
             }),
             ToQueue::Hello { .. }
             | ToQueue::Started { .. }
@@ -1250,7 +1209,9 @@ impl Queue {
         ))
     }
 
-    fn overview(&mut self) -> serde_json::Value {
+    /// `durations`: also the wait and run histograms, a scan of every attempt kept (for
+    /// `metrics`; `status` does without).
+    fn overview(&mut self, durations: bool) -> serde_json::Value {
         let counts = match self.store.as_ref().map(|s| s.counts()) {
             Some(Ok(c)) => Some(
                 c.into_iter()
@@ -1286,9 +1247,16 @@ impl Queue {
                     .collect()
             })
         });
-        let (wait, run) = match self.store.as_ref().map(|s| s.durations()) {
-            Some(Ok((w, r))) => (histogram(&w), histogram(&r)),
-            _ => (histogram(&[]), histogram(&[])),
+        let (wait, run) = match self
+            .store
+            .as_ref()
+            .filter(|_| durations)
+            .map(|s| s.durations())
+        {
+            Some(Ok((w, r))) => (Some(histogram(&w)), Some(histogram(&r))),
+            // No queue yet: empty histograms, so a scraper sees the series from the start.
+            None if durations && !self.wanted => (Some(histogram(&[])), Some(histogram(&[]))),
+            _ => (None, None),
         };
         json!({
             "wait_seconds": wait,

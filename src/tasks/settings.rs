@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::services::spec::Problems;
+use crate::services::spec::{Problems, describe};
 
 /// A named command a task can ask for with `"action": NAME`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -70,17 +70,6 @@ pub const WORKER_KEYS: &[(&str, &str)] = &[
     ("capabilities", "what they offer, like [\"gpu\"]"),
     ("concurrency", "tasks each runs at once (1-256; default 1)"),
 ];
-
-fn describe(v: &Value) -> String {
-    match v {
-        Value::Null => "null".to_string(),
-        Value::Bool(b) => format!("the boolean {b}"),
-        Value::Number(n) => format!("the number {n}"),
-        Value::String(s) => format!("the string {s:?}"),
-        Value::Array(_) => "a list".to_string(),
-        Value::Object(_) => "an object".to_string(),
-    }
-}
 
 /// A capability or action name: short, printable, no spaces.
 pub fn valid_word(s: &str) -> bool {

@@ -65,8 +65,9 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 "#;
 
-/// A task as submitted.
-#[derive(Debug, Clone, PartialEq)]
+/// A task as submitted (the CLI sends it so, its action already resolved).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NewTask {
     /// The JSON the program gets on stdin.
     pub spec: String,

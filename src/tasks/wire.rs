@@ -39,23 +39,6 @@ pub struct Outcome {
     pub result: Option<String>,
 }
 
-/// A task as the CLI submits it, its action already resolved.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Submission {
-    /// The task's JSON as given (it reaches the program's stdin).
-    pub spec: String,
-    pub argv: Vec<String>,
-    pub required: Vec<String>,
-    pub priority: i32,
-    pub max_attempts: u32,
-    pub timeout_ms: Option<u64>,
-    pub delay_ms: u64,
-    pub after: Option<i64>,
-    pub unique: Option<String>,
-    pub cwd: Option<String>,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ToQueue {
@@ -78,7 +61,7 @@ pub enum ToQueue {
     Ended(Outcome),
     /// The worker takes no more tasks (it is about to host a service, or to exit).
     Draining {},
-    Submit(Submission),
+    Submit(crate::tasks::store::NewTask),
     Status {
         id: i64,
     },
@@ -97,7 +80,11 @@ pub enum ToQueue {
     Wait {
         ids: Vec<i64>,
     },
-    Overview {},
+    /// The counts and the workers; with `durations`, the wait and run histograms too.
+    Overview {
+        #[serde(default)]
+        durations: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,6 +134,43 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     v
 }
 
+/// Reads what a nonblocking `stream` has now (at most `max_reads` reads, so one busy
+/// peer cannot hold a loop) onto `inbuf`. True: the peer is gone (end of file, an error).
+pub fn read_available(
+    stream: &mut impl std::io::Read,
+    inbuf: &mut Vec<u8>,
+    max_reads: usize,
+) -> bool {
+    let mut buf = [0u8; 16384];
+    for _ in 0..max_reads {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => inbuf.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Writes what a nonblocking `stream` takes of `out`, keeping the rest. True: the peer
+/// is gone.
+pub fn write_pending(stream: &mut impl std::io::Write, out: &mut Vec<u8>) -> bool {
+    while !out.is_empty() {
+        match stream.write(out) {
+            Ok(0) => return true,
+            Ok(n) => {
+                out.drain(..n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
 /// Splits complete lines off the front of `buf`; a line longer than `MAX_LINE` is an
 /// error (the peer is broken or hostile).
 pub fn take_lines(buf: &mut Vec<u8>) -> Result<Vec<Vec<u8>>, String> {
@@ -173,7 +197,7 @@ mod tests {
         let lines = take_lines(&mut b).unwrap();
         assert_eq!(lines.len(), 1);
         let m: ToQueue = serde_json::from_slice(&lines[0]).unwrap();
-        assert_eq!(m, ToQueue::Overview {});
+        assert_eq!(m, ToQueue::Overview { durations: false });
         assert_eq!(b, b"{\"type\":\"sta");
         assert!(serde_json::from_slice::<ToQueue>(b"{\"type\":\"nope\"}").is_err());
         let mut huge = vec![b'x'; MAX_LINE + 1];

@@ -194,16 +194,8 @@ impl TaskWorker {
         let Some(l) = self.link.as_mut() else {
             return;
         };
-        while !l.out.is_empty() {
-            match l.stream.write(&l.out) {
-                Ok(0) => return self.drop_link(poll),
-                Ok(n) => {
-                    l.out.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return self.drop_link(poll),
-            }
+        if wire::write_pending(&mut l.stream, &mut l.out) {
+            return self.drop_link(poll);
         }
         let want = !l.out.is_empty();
         if want != l.writable {
@@ -257,22 +249,7 @@ impl TaskWorker {
         let mut closed = false;
         let mut lines = Vec::new();
         if let Some(l) = self.link.as_mut() {
-            let mut buf = [0u8; 16384];
-            for _ in 0..256 {
-                match l.stream.read(&mut buf) {
-                    Ok(0) => {
-                        closed = true;
-                        break;
-                    }
-                    Ok(n) => l.inbuf.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
+            closed = wire::read_available(&mut l.stream, &mut l.inbuf, 256);
             match wire::take_lines(&mut l.inbuf) {
                 Ok(v) => lines = v,
                 Err(e) => {
