@@ -117,6 +117,14 @@ pub struct Config {
     pub task_retention_count: u64,
     /// ...and none finished longer ago than this.
     pub task_retention_ms: u64,
+    /// The queue in PostgreSQL, shared with other hosts, instead of SQLite in state_dir.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_url: Option<String>,
+    /// This host's name in a shared queue (default: hostname:runtime_dir).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_host: Option<String>,
+    /// A host that has not renewed its lease for this long is taken as dead.
+    pub queue_lease_ms: u64,
 }
 
 fn serialize_services<S: serde::Serializer>(v: &[ServiceSpec], s: S) -> Result<S::Ok, S::Error> {
@@ -151,6 +159,9 @@ impl Default for Config {
             workers: Vec::new(),
             task_retention_count: 10_000,
             task_retention_ms: 7 * 86_400_000,
+            queue_url: None,
+            queue_host: None,
+            queue_lease_ms: 10_000,
         }
     }
 }
@@ -230,7 +241,15 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     (
         "queue_url",
-        "postgres://... to share one queue between hosts (not built yet: refused)",
+        "postgres://user:password@host/db: the task queue in PostgreSQL, shared by the clusters of several hosts (no TLS)",
+    ),
+    (
+        "queue_host",
+        "this cluster's name in a shared queue (default hostname:runtime_dir); unique per cluster",
+    ),
+    (
+        "queue_lease_ms",
+        "a host silent this long has its running tasks re-queued by the others (2000-300000; default 10000)",
     ),
 ];
 
@@ -384,11 +403,30 @@ impl Config {
                 Value::Null => self.state_dir = None,
                 other => return Err(type_error(key, "an absolute path string", other)),
             },
-            "queue_url" => {
-                return Err(ConfigError(
-                    "`queue_url`: the PostgreSQL queue is not built yet; remove the key to keep the queue in SQLite under `state_dir`".into(),
-                ));
-            }
+            "queue_url" => match value {
+                Value::String(s) => {
+                    crate::tasks::postgres::check_url(s).map_err(ConfigError)?;
+                    self.queue_url = Some(s.clone());
+                }
+                Value::Null => self.queue_url = None,
+                other => return Err(type_error(key, "a postgres:// URL string", other)),
+            },
+            "queue_host" => match value {
+                Value::String(s)
+                    if !s.is_empty() && s.len() <= 200 && !s.chars().any(char::is_control) =>
+                {
+                    self.queue_host = Some(s.clone())
+                }
+                Value::Null => self.queue_host = None,
+                other => {
+                    return Err(type_error(
+                        key,
+                        "a name of 1-200 printable characters",
+                        other,
+                    ));
+                }
+            },
+            "queue_lease_ms" => self.queue_lease_ms = millis(key, value, 2000, 300_000)?,
             "runtime_dir" => match value {
                 Value::String(s) if !s.is_empty() => self.runtime_dir = Some(PathBuf::from(s)),
                 Value::Null => self.runtime_dir = None,

@@ -69,6 +69,15 @@ pub fn reload(common: &Common) -> Result<(), String> {
         }
         _ => {}
     }
+    if (&cfg.queue_url, &cfg.queue_host, cfg.queue_lease_ms)
+        != (
+            &running.queue_url,
+            &running.queue_host,
+            running.queue_lease_ms,
+        )
+    {
+        return Err("`queue_url`, `queue_host` and `queue_lease_ms` cannot change while the cluster runs: stop it first; the running cluster is untouched".into());
+    }
     apply(&dir, &cfg)
 }
 

@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::Common;
 use crate::config::Config;
 use crate::runtime_dir::RuntimeDir;
+use crate::tasks::backend::Backend;
 use crate::tasks::lifecycle::TaskState;
 use crate::tasks::settings::{self, MAX_ATTEMPTS, MAX_TIMEOUT_MS};
 use crate::tasks::store::NewTask;
@@ -464,17 +465,43 @@ fn state_dir_of(dir: &RuntimeDir) -> PathBuf {
         .unwrap_or_else(|| settings::default_state_dir(dir.path()))
 }
 
-/// The store read directly (the cluster is down): the same JSON, without the live parts.
-fn offline_task(dir: &RuntimeDir, id: i64) -> Result<Value, String> {
+type OfflineStore = (Box<dyn Backend>, PathBuf);
+
+/// This cluster's name in a shared queue.
+fn this_host(dir: &RuntimeDir) -> String {
+    Config::load(&dir.config_file())
+        .ok()
+        .and_then(|c| c.queue_host)
+        .unwrap_or_else(|| settings::default_queue_host(dir.path()))
+}
+
+/// The store the cluster's config names, read directly (the cluster is down), with the
+/// state directory; None when there is no queue yet.
+fn offline_store(dir: &RuntimeDir) -> Result<Option<OfflineStore>, String> {
     let state = state_dir_of(dir);
+    let url = Config::load(&dir.config_file())
+        .ok()
+        .and_then(|c| c.queue_url);
+    if let Some(url) = url {
+        let store = crate::tasks::postgres::PgStore::reader(&url).map_err(|e| e.to_string())?;
+        return Ok(Some((Box::new(store), state)));
+    }
     let db = state.join("tasks.db");
     if !db.exists() {
-        return Err(format!(
-            "no task {id}: there is no queue in {}",
-            state.display()
-        ));
+        return Ok(None);
     }
     let store = crate::tasks::store::Store::open(&db).map_err(|e| e.to_string())?;
+    Ok(Some((Box::new(store), state)))
+}
+
+/// The store read directly (the cluster is down): the same JSON, without the live parts.
+fn offline_task(dir: &RuntimeDir, id: i64) -> Result<Value, String> {
+    let Some((mut store, state)) = offline_store(dir)? else {
+        return Err(format!(
+            "no task {id}: there is no queue in {}",
+            state_dir_of(dir).display()
+        ));
+    };
     let row = store.get(id).map_err(|e| e.to_string())?;
     let history = store.attempts(id).map_err(|e| e.to_string())?;
     Ok(crate::tasks::view::task_json(
@@ -520,6 +547,9 @@ fn describe(t: &Value) -> String {
     );
     if let Some(w) = t["worker"].as_str() {
         let _ = write!(out, " on {w}");
+        if let Some(h) = t["host"].as_str() {
+            let _ = write!(out, " of host {h}");
+        }
         if let Some(p) = t["pid"].as_i64() {
             let _ = write!(out, " pid {p}");
         }
@@ -624,12 +654,9 @@ fn list(dir: &RuntimeDir, f: &Flags) -> Result<i32, String> {
 }
 
 fn offline_list(dir: &RuntimeDir, f: &Flags) -> Result<(Vec<Value>, Option<i64>), String> {
-    let state = state_dir_of(dir);
-    let db = state.join("tasks.db");
-    if !db.exists() {
+    let Some((mut store, state)) = offline_store(dir)? else {
         return Ok((Vec::new(), None));
-    }
-    let store = crate::tasks::store::Store::open(&db).map_err(|e| e.to_string())?;
+    };
     let rows = store
         .list(
             f.state.as_deref().and_then(TaskState::parse),
@@ -719,8 +746,16 @@ fn logs(dir: &RuntimeDir, id: i64, follow: bool) -> Result<i32, String> {
                             Err(e)
                         }
                     })? {
-                        FromQueue::Task { .. } => {
-                            eprintln!("task {id} has no output yet");
+                        FromQueue::Task { task } => {
+                            let ran_on = task["history"].as_array().and_then(|h| {
+                                h.iter().filter_map(|a| a["host"].as_str()).next_back()
+                            });
+                            match ran_on {
+                                Some(h) if h != this_host(dir) => eprintln!(
+                                    "task {id} ran on host {h}: its log is there, in task-logs/{id}.log of that cluster's state_dir"
+                                ),
+                                _ => eprintln!("task {id} has no output yet"),
+                            }
                             Ok(0)
                         }
                         other => Err(unexpected(other)),

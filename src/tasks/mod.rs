@@ -7,7 +7,9 @@
 //! - `worker`: a free workflow running tasks; `wire`: the messages between them and the
 //!   CLI; `view`: a task as JSON.
 
+pub mod backend;
 pub mod lifecycle;
+pub mod postgres;
 pub mod queue;
 pub mod scheduler;
 pub mod settings;

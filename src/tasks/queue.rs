@@ -26,13 +26,17 @@ use serde_json::json;
 
 use crate::ledger::{Appender, Event, unix_ms_now};
 use crate::runtime_dir::RuntimeDir;
+use crate::tasks::backend::Backend;
 use crate::tasks::lifecycle::{Ending, RetryBackoff, TaskState};
+use crate::tasks::postgres::{Note, PgStore};
 use crate::tasks::scheduler::{self, Load, Waiting};
 use crate::tasks::store::{Durability, Retry, Store, StoreError};
 use crate::tasks::view;
 use crate::tasks::wire::{self, FromQueue, Held, Outcome, ToQueue};
 
 const LISTENER: Token = Token(0);
+/// The PostgreSQL listener thread has notes for us.
+const NOTES: Token = Token(usize::MAX);
 /// A page of `task list` holds at most this many.
 pub const MAX_PAGE: u32 = 1000;
 /// How often a database that failed is tried again.
@@ -51,6 +55,14 @@ pub struct Options {
     pub retention_count: u64,
     pub retention_ms: u64,
     pub backoff: RetryBackoff,
+    /// The queue is in PostgreSQL, shared with other hosts.
+    pub shared: Option<Shared>,
+}
+
+pub struct Shared {
+    pub url: String,
+    pub host: String,
+    pub lease: Duration,
 }
 
 /// Binds `tasks.sock` and starts the queue's thread.
@@ -107,7 +119,7 @@ struct Queue {
     conns: HashMap<Token, Conn>,
     next_token: usize,
     uid: u32,
-    store: Option<Store>,
+    store: Option<Box<dyn Backend>>,
     /// Whether to open the store: once tasks.db exists or a request needs it. A cluster
     /// that never uses tasks never loads SQLite into the master.
     wanted: bool,
@@ -129,6 +141,9 @@ struct Queue {
     in_batch: bool,
     ledger: Appender,
     rng: crate::daemon::Rng,
+    /// A shared queue: what the listener thread heard, and when to renew the lease.
+    notes: Option<std::sync::mpsc::Receiver<Note>>,
+    next_beat: Instant,
 }
 
 impl Queue {
@@ -139,7 +154,24 @@ impl Queue {
             .map_err(|e| format!("cannot poll tasks.sock: {e}"))?;
         let ledger = Appender::new(&opts.dir.events());
         let seed = unix_ms_now() ^ u64::from(std::process::id());
-        let wanted = opts.state_dir.join("tasks.db").exists();
+        // A shared queue is wanted from the start: other hosts submit to it.
+        let wanted = opts.shared.is_some() || opts.state_dir.join("tasks.db").exists();
+        let notes = match &opts.shared {
+            Some(shared) => {
+                let waker = std::sync::Arc::new(
+                    mio::Waker::new(poll.registry(), NOTES)
+                        .map_err(|e| format!("cannot create a waker: {e}"))?,
+                );
+                let (tx, rx) = std::sync::mpsc::channel();
+                let url = shared.url.clone();
+                std::thread::Builder::new()
+                    .name("queue-listen".into())
+                    .spawn(move || crate::tasks::postgres::listen(url, tx, waker))
+                    .map_err(|e| format!("cannot start the queue's listener: {e}"))?;
+                Some(rx)
+            }
+            None => None,
+        };
         Ok(Queue {
             fresh: opts.fresh,
             opts,
@@ -163,6 +195,8 @@ impl Queue {
             in_batch: false,
             ledger,
             rng: crate::daemon::Rng::seeded(seed),
+            notes,
+            next_beat: Instant::now(),
         })
     }
 
@@ -175,6 +209,7 @@ impl Queue {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
+                    NOTES => self.on_notes(),
                     t => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             self.read(t);
@@ -208,19 +243,19 @@ impl Queue {
     /// an fsync, before the answer; not held for the rest of the turn. None: no store.
     fn durably<T>(
         &mut self,
-        change: impl FnOnce(&mut Store) -> Result<T, StoreError>,
+        change: impl FnOnce(&mut dyn Backend) -> Result<T, StoreError>,
     ) -> Option<Result<T, StoreError>> {
         self.batch_end();
         let store = self.store.as_mut()?;
         let r = store
             .set_durability(Durability::Full)
-            .and_then(|_| change(store));
+            .and_then(|_| change(store.as_mut()));
         let _ = store.set_durability(Durability::Normal);
         Some(r)
     }
 
     fn batch_begin(&mut self) {
-        if let Some(store) = self.store.as_ref() {
+        if let Some(store) = self.store.as_mut() {
             match store.begin_batch() {
                 Ok(()) => self.in_batch = true,
                 Err(e) => self.failed(&e),
@@ -230,7 +265,7 @@ impl Queue {
 
     fn batch_end(&mut self) {
         if std::mem::take(&mut self.in_batch)
-            && let Some(store) = self.store.as_ref()
+            && let Some(store) = self.store.as_mut()
             && let Err(e) = store.commit_batch()
         {
             self.failed(&e);
@@ -251,6 +286,9 @@ impl Queue {
         }
         if !self.unowned.is_empty() {
             at(Instant::now() + Duration::from_secs(1));
+        }
+        if self.opts.shared.is_some() && self.store.is_some() {
+            at(self.next_beat);
         }
         wake
     }
@@ -278,7 +316,7 @@ impl Queue {
 
     fn open_store(&mut self) {
         let dir = &self.opts.state_dir;
-        let opened = (|| -> Result<(std::fs::File, Store), String> {
+        let opened = (|| -> Result<(std::fs::File, Box<dyn Backend>), String> {
             std::fs::create_dir_all(dir.join("task-logs"))
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             let lock_path = dir.join("queue.lock");
@@ -295,8 +333,16 @@ impl Queue {
                     dir.display()
                 ));
             }
-            let store = Store::open_with(&dir.join("tasks.db"), Durability::Normal)
-                .map_err(|e| e.to_string())?;
+            let store: Box<dyn Backend> = match &self.opts.shared {
+                Some(s) => Box::new(
+                    PgStore::connect(&s.url, &s.host, s.lease.as_millis() as u64)
+                        .map_err(|e| e.to_string())?,
+                ),
+                None => Box::new(
+                    Store::open_with(&dir.join("tasks.db"), Durability::Normal)
+                        .map_err(|e| e.to_string())?,
+                ),
+            };
             Ok((lock, store))
         })();
         match opened {
@@ -326,7 +372,7 @@ impl Queue {
     /// start nothing can be running; after a failover, workers keep running their tasks
     /// and reconnect.
     fn reconcile(&mut self, fresh: bool) -> Result<(), StoreError> {
-        let Some(store) = self.store.as_ref() else {
+        let Some(store) = self.store.as_mut() else {
             return Ok(());
         };
         let running = store.running()?;
@@ -474,6 +520,12 @@ impl Queue {
                 return;
             }
         }
+        if let Some(shared) = &self.opts.shared
+            && now >= self.next_beat
+        {
+            self.next_beat = now + shared.lease / 4;
+            self.heartbeat();
+        }
         if self.next_due.is_some_and(|t| t <= now) {
             self.next_due = None;
             self.dirty = true;
@@ -554,7 +606,7 @@ impl Queue {
                 .insert((row.id, attempt), Instant::now() + self.opts.ack_timeout);
             self.tell_worker(w, &msg);
         }
-        if let Some(store) = self.store.as_ref() {
+        if let Some(store) = self.store.as_mut() {
             match store.next_due_ms(now_ms) {
                 Ok(Some(ms)) => {
                     self.next_due = Some(Instant::now() + Duration::from_millis(ms - now_ms))
@@ -846,7 +898,7 @@ impl Queue {
             self.ended(token, o);
         }
         // What the store says it runs, and what it says it runs, must agree.
-        let Some(store) = self.store.as_ref() else {
+        let Some(store) = self.store.as_mut() else {
             return;
         };
         let rows = match store.running() {
@@ -921,6 +973,116 @@ impl Queue {
             pid: Some(pid),
             ..Event::new("task_started")
         });
+    }
+
+    /// Kills an attempt this host runs: through its worker, or directly if its worker is
+    /// gone; it is no longer awaited.
+    fn kill_here(&mut self, id: i64, attempt: u32, why: &str) {
+        self.acks.remove(&(id, attempt));
+        self.unowned.remove(&(id, attempt));
+        let worker = self
+            .workers
+            .iter()
+            .find(|(_, w)| w.running.contains_key(&(id, attempt)))
+            .map(|(n, _)| *n);
+        match worker {
+            Some(w) => self.tell_worker(
+                w,
+                &FromQueue::Kill {
+                    id,
+                    attempt,
+                    why: why.into(),
+                },
+            ),
+            None => {
+                kill_attempt(&self.opts.state_dir, id, attempt);
+            }
+        }
+    }
+
+    /// This host's name in a shared queue.
+    fn host(&self) -> Option<&str> {
+        self.opts.shared.as_ref().map(|s| s.host.as_str())
+    }
+
+    /// What the other hosts said (a shared queue).
+    fn on_notes(&mut self) {
+        let Some(rx) = self.notes.as_ref() else {
+            return;
+        };
+        let notes: Vec<Note> = rx.try_iter().take(100_000).collect();
+        let mut recheck = false;
+        for n in notes {
+            match n {
+                Note::Ready => self.dirty = true,
+                Note::Done(id) => self.notify_waiters(Some(id)),
+                Note::Kill { id, attempt, host } => {
+                    if self.host() == Some(host.as_str()) {
+                        log::info!(
+                            "task {id} attempt {attempt} was cancelled on another host: killing it"
+                        );
+                        self.kill_here(id, attempt, "cancelled");
+                    }
+                }
+                Note::Listening => {
+                    self.dirty = true;
+                    recheck = true;
+                }
+            }
+        }
+        if recheck {
+            self.recheck_waiters();
+        }
+    }
+
+    /// The listener (re)connected and may have missed a `done`: each waiter's tasks are
+    /// looked at again.
+    fn recheck_waiters(&mut self) {
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        for c in self.conns.values_mut() {
+            if let Some((_, remaining)) = c.waiting.as_mut() {
+                remaining.retain(|id| store.get(*id).is_ok_and(|t| !t.state.is_final()));
+            }
+        }
+        self.notify_waiters(None);
+    }
+
+    /// Renews this host's lease in a shared queue, and takes back the tasks of the hosts
+    /// whose lease ran out.
+    fn heartbeat(&mut self) {
+        let retry = self.retry_rule();
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        let beat = match store.heartbeat(unix_ms_now(), &retry) {
+            Ok(b) => b,
+            Err(e) => return self.failed(&e),
+        };
+        if beat.superseded {
+            log::warn!(
+                "this host's lease had expired and the other hosts took back its tasks: killing what it still runs"
+            );
+            let held: Vec<(i64, u32)> = self
+                .workers
+                .values()
+                .flat_map(|w| w.running.keys().copied())
+                .chain(self.unowned.keys().copied())
+                .collect();
+            for (id, attempt) in held {
+                self.kill_here(id, attempt, "superseded: this host's lease expired");
+            }
+        }
+        for (id, attempt, host, state) in beat.requeued {
+            let why = format!("its host {host} stopped renewing its lease");
+            log::info!(
+                "task {id} attempt {attempt} lost: {why}; now {}",
+                state.as_str()
+            );
+            self.record_end(id, attempt, None, state, None, Some(&why));
+            self.dirty = true;
+        }
     }
 
     /// The pid of a running attempt, as its worker said.
@@ -1050,24 +1212,23 @@ impl Queue {
                     }
                 };
                 let limit = limit.clamp(1, MAX_PAGE);
-                let store = self.store.as_ref()?;
+                let store = self.store.as_mut()?;
                 match store.list(state, after, limit) {
                     Ok(rows) => {
                         let next = (rows.len() as u32 == limit).then(|| rows[rows.len() - 1].id);
-                        let tasks = rows
-                            .into_iter()
-                            .map(|mut r| {
-                                if r.state == TaskState::Running {
-                                    r.pid = self.live_pid(r.id, r.attempts);
-                                }
-                                view::task_json(
-                                    &r,
-                                    &[],
-                                    self.reason(&r, now_ms),
-                                    &view::log_path(&self.opts.state_dir, r.id),
-                                )
-                            })
-                            .collect();
+                        let mut tasks = Vec::with_capacity(rows.len());
+                        for mut r in rows {
+                            if r.state == TaskState::Running {
+                                r.pid = self.live_pid(r.id, r.attempts);
+                            }
+                            let waiting = self.reason(&r, now_ms);
+                            tasks.push(view::task_json(
+                                &r,
+                                &[],
+                                waiting,
+                                &view::log_path(&self.opts.state_dir, r.id),
+                            ));
+                        }
                         Some(FromQueue::Tasks { tasks, next })
                     }
                     Err(e) => {
@@ -1077,35 +1238,27 @@ impl Queue {
                 }
             }
             ToQueue::Cancel { id } => {
+                let before = self.store.as_mut()?.get(id).ok();
                 let r = self.durably(|store| store.cancel(id, now_ms))?;
-                let attempt = self
-                    .store
-                    .as_ref()?
-                    .get(id)
-                    .map(|t| t.attempts)
-                    .unwrap_or(0);
+                let attempt = before.as_ref().map_or(0, |t| t.attempts);
+                // Running on another host (a shared queue): killed there, on its note.
+                let elsewhere = before
+                    .filter(|t| t.state == TaskState::Running)
+                    .and_then(|t| t.host.zip(t.worker))
+                    .filter(|(h, _)| Some(h.as_str()) != self.host());
                 match r {
                     Ok(worker) => {
-                        self.acks.remove(&(id, attempt));
-                        self.unowned.remove(&(id, attempt));
-                        let message = match worker {
-                            Some(w) => {
-                                self.tell_worker(
-                                    w,
-                                    &FromQueue::Kill {
-                                        id,
-                                        attempt,
-                                        why: "cancelled".into(),
-                                    },
-                                );
-                                if !self.workers.contains_key(&w) {
-                                    kill_attempt(&self.opts.state_dir, id, attempt);
-                                }
+                        let message = match (worker, elsewhere) {
+                            (Some(w), _) => {
+                                self.kill_here(id, attempt, "cancelled");
                                 format!(
                                     "task {id} cancelled; its program on workflow-{w} is killed"
                                 )
                             }
-                            None => format!("task {id} cancelled"),
+                            (None, Some((h, w))) => format!(
+                                "task {id} cancelled; its program on workflow-{w} of host {h} is killed there"
+                            ),
+                            (None, None) => format!("task {id} cancelled"),
                         };
                         self.record_end(id, attempt, worker, TaskState::Cancelled, None, None);
                         self.dirty = true;
@@ -1138,7 +1291,7 @@ impl Queue {
                 }
             }
             ToQueue::Wait { ids } => {
-                let store = self.store.as_ref()?;
+                let store = self.store.as_mut()?;
                 for id in &ids {
                     if let Err(e) = store.get(*id) {
                         return err(e.to_string());
@@ -1166,8 +1319,8 @@ impl Queue {
         }
     }
 
-    fn reason(&self, r: &crate::tasks::store::TaskRow, now_ms: u64) -> Option<String> {
-        let store = self.store.as_ref()?;
+    fn reason(&mut self, r: &crate::tasks::store::TaskRow, now_ms: u64) -> Option<String> {
+        let store = self.store.as_mut()?;
         let after = r.after.map(|a| (a, store.get(a).ok().map(|p| p.state)));
         let workers: Vec<(&[String], bool)> = self
             .workers
@@ -1191,10 +1344,10 @@ impl Queue {
         )
     }
 
-    fn task_json(&self, id: i64) -> Result<serde_json::Value, StoreError> {
+    fn task_json(&mut self, id: i64) -> Result<serde_json::Value, StoreError> {
         let store = self
             .store
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| StoreError::Db("not open".into()))?;
         let mut row = store.get(id)?;
         let history = store.attempts(id)?;
@@ -1212,7 +1365,7 @@ impl Queue {
     /// `durations`: also the wait and run histograms, a scan of every attempt kept (for
     /// `metrics`; `status` does without).
     fn overview(&mut self, durations: bool) -> serde_json::Value {
-        let counts = match self.store.as_ref().map(|s| s.counts()) {
+        let counts = match self.store.as_mut().map(|s| s.counts()) {
             Some(Ok(c)) => Some(
                 c.into_iter()
                     .map(|(s, n)| (s.as_str().to_string(), json!(n)))
@@ -1249,7 +1402,7 @@ impl Queue {
         });
         let (wait, run) = match self
             .store
-            .as_ref()
+            .as_mut()
             .filter(|_| durations)
             .map(|s| s.durations())
         {
@@ -1287,7 +1440,7 @@ impl Queue {
             }
         }
         for (token, ids) in done {
-            let Some(store) = self.store.as_ref() else {
+            let Some(store) = self.store.as_mut() else {
                 return;
             };
             // Pruned meanwhile: nothing more happens to it, and there is nothing to show.

@@ -334,6 +334,17 @@ pub fn default_state_dir(runtime_dir: &Path) -> PathBuf {
     }
 }
 
+/// A cluster's name in a shared queue when the config gives none: the machine's name and
+/// the runtime directory, so that two clusters of one machine are two hosts.
+pub fn default_queue_host(runtime_dir: &Path) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}", runtime_dir.display())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

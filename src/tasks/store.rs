@@ -18,6 +18,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use crate::tasks::backend::{Backend, RunningTask};
 use crate::tasks::lifecycle::{Ending, Life, Refused, RetryBackoff, TaskState};
 
 const SCHEMA: &str = r#"
@@ -116,10 +117,13 @@ pub struct TaskRow {
     /// The worker's pid when the attempt was handed to it.
     #[serde(skip)]
     pub worker_pid: Option<i32>,
+    /// The host whose worker runs (or last ran) it, in a queue shared by several.
+    #[serde(skip)]
+    pub host: Option<String>,
 }
 
 impl TaskRow {
-    fn life(&self) -> Life {
+    pub(crate) fn life(&self) -> Life {
         Life {
             state: self.state,
             attempts: self.attempts,
@@ -191,6 +195,8 @@ pub struct AttemptRow {
     pub finished_at_ms: Option<u64>,
     pub exit_code: Option<i32>,
     pub error: Option<String>,
+    /// Its host, in a queue shared by several.
+    pub host: Option<String>,
 }
 
 /// How a failed attempt is retried: the backoff and this decision's random jitter in
@@ -204,6 +210,11 @@ pub struct Retry {
 const COLUMNS: &str = "id, state, priority, attempts, max_attempts, worker, exit_code, result, \
      error, submitted_at_ms, started_at_ms, finished_at_ms, argv, required, timeout_ms, after_id, \
      unique_key, spec, not_before_ms, budget, cwd, pid, worker_pid";
+
+/// A result as kept: JSON when it parses, else a string.
+pub(crate) fn parse_result(t: String) -> serde_json::Value {
+    serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t))
+}
 
 fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
     let state: String = r.get(1)?;
@@ -226,7 +237,7 @@ fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
         worker: r.get(5)?,
         exit_code: r.get(6)?,
         // Kept as JSON when it parses, else as a string.
-        result: result.map(|t| serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t))),
+        result: result.map(parse_result),
         error: r.get(8)?,
         submitted_at_ms: r.get::<_, i64>(9)? as u64,
         started_at_ms: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
@@ -242,6 +253,7 @@ fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
         cwd: r.get(20)?,
         pid: r.get(21)?,
         worker_pid: r.get(22)?,
+        host: None,
     })
 }
 
@@ -280,25 +292,26 @@ impl Store {
         let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         Ok(Store { conn })
     }
+}
 
+impl Backend for Store {
     /// Opens a transaction that the changes which follow join (each of them is a savepoint
     /// inside it), until `commit_batch`: the queue's owner commits once per turn of its
     /// loop rather than once per change. Without a batch, each change is its own
     /// transaction.
-    pub fn begin_batch(&self) -> Result<(), StoreError> {
+    fn begin_batch(&mut self) -> Result<(), StoreError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         Ok(())
     }
 
-    pub fn commit_batch(&self) -> Result<(), StoreError> {
+    fn commit_batch(&mut self) -> Result<(), StoreError> {
         if !self.conn.is_autocommit() {
             self.conn.execute_batch("COMMIT")?;
         }
         Ok(())
     }
 
-    /// Switches how this connection commits, for what follows.
-    pub fn set_durability(&self, d: Durability) -> Result<(), StoreError> {
+    fn set_durability(&mut self, d: Durability) -> Result<(), StoreError> {
         self.conn.execute_batch(match d {
             Durability::Full => "PRAGMA synchronous = FULL;",
             Durability::Normal => "PRAGMA synchronous = NORMAL;",
@@ -306,8 +319,7 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a new task, queued: its id.
-    pub fn submit(&mut self, t: &NewTask, now_ms: u64) -> Result<i64, StoreError> {
+    fn submit(&mut self, t: &NewTask, now_ms: u64) -> Result<i64, StoreError> {
         let tx = self.conn.savepoint()?;
         if let Some(key) = &t.unique {
             let live: Option<i64> = tx
@@ -367,7 +379,7 @@ impl Store {
         Ok(id)
     }
 
-    pub fn get(&self, id: i64) -> Result<TaskRow, StoreError> {
+    fn get(&mut self, id: i64) -> Result<TaskRow, StoreError> {
         self.conn
             .query_row(
                 &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
@@ -378,9 +390,8 @@ impl Store {
             .ok_or(StoreError::NoSuchTask(id))
     }
 
-    /// Tasks in id order, optionally of one state: a page of at most `limit` after `after_id`.
-    pub fn list(
-        &self,
+    fn list(
+        &mut self,
         state: Option<TaskState>,
         after_id: i64,
         limit: u32,
@@ -398,8 +409,7 @@ impl Store {
         Ok(rows)
     }
 
-    /// How many tasks are in each state.
-    pub fn counts(&self) -> Result<Vec<(TaskState, u64)>, StoreError> {
+    fn counts(&mut self) -> Result<Vec<(TaskState, u64)>, StoreError> {
         let mut st = self
             .conn
             .prepare("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
@@ -418,10 +428,7 @@ impl Store {
             .collect())
     }
 
-    /// Starts the best task `worker` can run at `now`: the highest priority, oldest first,
-    /// among those whose required capabilities it has and whose `after` task succeeded.
-    /// Returns it with its attempt number.
-    pub fn claim(
+    fn claim(
         &mut self,
         worker: u32,
         worker_pid: i32,
@@ -461,14 +468,13 @@ impl Store {
             params![row.id, attempt, worker, now_ms as i64],
         )?;
         tx.commit()?;
-        apply(&mut row, &life);
+        row.apply(&life);
         row.pid = None;
         row.worker_pid = Some(worker_pid);
         Ok(Some((row, attempt)))
     }
 
-    /// Attempt `attempt` of task `id` ended: the task's new state.
-    pub fn finish(
+    fn finish(
         &mut self,
         id: i64,
         attempt: u32,
@@ -510,8 +516,7 @@ impl Store {
         Ok(state)
     }
 
-    /// Cancels a live task: the worker running it, if any (to be killed).
-    pub fn cancel(&mut self, id: i64, now_ms: u64) -> Result<Option<u32>, StoreError> {
+    fn cancel(&mut self, id: i64, now_ms: u64) -> Result<Option<u32>, StoreError> {
         let tx = self.conn.savepoint()?;
         let row = tx
             .query_row(
@@ -536,9 +541,7 @@ impl Store {
         Ok(worker)
     }
 
-    /// Every running task: id, attempt, worker, worker pid, program pid.
-    #[allow(clippy::type_complexity)]
-    pub fn running(&self) -> Result<Vec<(i64, u32, u32, Option<i32>, Option<i32>)>, StoreError> {
+    fn running(&mut self) -> Result<Vec<RunningTask>, StoreError> {
         let mut st = self.conn.prepare(
             "SELECT id, attempts, worker, worker_pid, pid FROM tasks WHERE state = 'running'",
         )?;
@@ -556,9 +559,7 @@ impl Store {
         Ok(rows)
     }
 
-    /// When the next waiting task (delayed, or backing off) becomes runnable, if later
-    /// than `now_ms`.
-    pub fn next_due_ms(&self, now_ms: u64) -> Result<Option<u64>, StoreError> {
+    fn next_due_ms(&mut self, now_ms: u64) -> Result<Option<u64>, StoreError> {
         let v: Option<i64> = self.conn.query_row(
             "SELECT MIN(not_before_ms) FROM tasks WHERE state IN ('queued', 'retrying') \
              AND ready = 1 AND not_before_ms > ?1",
@@ -568,8 +569,7 @@ impl Store {
         Ok(v.map(|v| v as u64))
     }
 
-    /// Whether any task waits to be run now (by someone).
-    pub fn any_runnable(&self, now_ms: u64) -> Result<bool, StoreError> {
+    fn any_runnable(&mut self, now_ms: u64) -> Result<bool, StoreError> {
         let v: Option<i64> = self
             .conn
             .query_row(
@@ -582,7 +582,7 @@ impl Store {
         Ok(v.is_some())
     }
 
-    pub fn attempts(&self, id: i64) -> Result<Vec<AttemptRow>, StoreError> {
+    fn attempts(&mut self, id: i64) -> Result<Vec<AttemptRow>, StoreError> {
         let mut st = self.conn.prepare(
             "SELECT n, worker, started_at_ms, finished_at_ms, exit_code, error FROM attempts \
              WHERE task_id = ?1 ORDER BY n",
@@ -596,15 +596,14 @@ impl Store {
                     finished_at_ms: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
                     exit_code: r.get(4)?,
                     error: r.get(5)?,
+                    host: None,
                 })
             })?
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
 
-    /// For the metrics: each first attempt's wait (submit to start) and each finished
-    /// attempt's run time, in seconds, over the tasks kept.
-    pub fn durations(&self) -> Result<(Vec<f64>, Vec<f64>), StoreError> {
+    fn durations(&mut self) -> Result<(Vec<f64>, Vec<f64>), StoreError> {
         let mut st = self.conn.prepare(
             "SELECT a.n, t.submitted_at_ms, a.started_at_ms, a.finished_at_ms \
              FROM attempts a JOIN tasks t ON t.id = a.task_id",
@@ -631,9 +630,7 @@ impl Store {
         Ok((wait, run))
     }
 
-    /// Removes finished tasks beyond the newest `keep` and those finished before
-    /// `older_than_ms`: their ids (their logs go too).
-    pub fn prune(&mut self, keep: u64, older_than_ms: u64) -> Result<Vec<i64>, StoreError> {
+    fn prune(&mut self, keep: u64, older_than_ms: u64) -> Result<Vec<i64>, StoreError> {
         let tx = self.conn.savepoint()?;
         let ids: Vec<i64> = {
             let mut st = tx.prepare(
@@ -656,8 +653,7 @@ impl Store {
         Ok(ids)
     }
 
-    /// Queues a failed or cancelled task again, with a fresh set of attempts.
-    pub fn retry(&mut self, id: i64, now_ms: u64) -> Result<(), StoreError> {
+    fn retry(&mut self, id: i64, now_ms: u64) -> Result<(), StoreError> {
         let tx = self.conn.savepoint()?;
         let row = tx
             .query_row(
@@ -688,42 +684,6 @@ impl Store {
         store_life(&tx, id, &life)?;
         tx.commit()?;
         Ok(())
-    }
-
-    /// (The queue's reconcile does this task by task, killing what is left of each first.)
-    #[cfg(test)]
-    /// Every attempt still marked running ends as lost (the owner of the queue starts and
-    /// nobody is running anything yet): retried or failed by the usual rule.
-    pub fn requeue_running(
-        &mut self,
-        why: &str,
-        now_ms: u64,
-        retry: &Retry,
-    ) -> Result<Vec<(i64, TaskState)>, StoreError> {
-        let running: Vec<(i64, u32)> = {
-            let mut st = self
-                .conn
-                .prepare("SELECT id, attempts FROM tasks WHERE state = 'running'")?;
-            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?
-        };
-        let mut out = Vec::new();
-        for (id, attempt) in running {
-            match self.finish(
-                id,
-                attempt,
-                Ending::Lost(why.to_string()),
-                None,
-                now_ms,
-                retry,
-            ) {
-                Ok(s) => out.push((id, s)),
-                // Cancelled or finished meanwhile (a CLI's change): nothing to re-queue.
-                Err(StoreError::Refused(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
     }
 }
 
@@ -782,16 +742,20 @@ fn store_life(tx: &Connection, id: i64, l: &Life) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn apply(row: &mut TaskRow, l: &Life) {
-    row.state = l.state;
-    row.attempts = l.attempts;
-    row.max_attempts = l.max_attempts;
-    row.not_before_ms = l.not_before_ms;
-    row.worker = l.worker;
-    row.exit_code = l.exit_code;
-    row.error = l.error.clone();
-    row.started_at_ms = l.started_at_ms;
-    row.finished_at_ms = l.finished_at_ms;
+impl TaskRow {
+    /// What `life` decided, on the row as returned.
+    pub(crate) fn apply(&mut self, l: &Life) {
+        let row = self;
+        row.state = l.state;
+        row.attempts = l.attempts;
+        row.max_attempts = l.max_attempts;
+        row.not_before_ms = l.not_before_ms;
+        row.worker = l.worker;
+        row.exit_code = l.exit_code;
+        row.error = l.error.clone();
+        row.started_at_ms = l.started_at_ms;
+        row.finished_at_ms = l.finished_at_ms;
+    }
 }
 
 #[cfg(test)]
@@ -828,159 +792,179 @@ mod tests {
         (dir, s)
     }
 
+    /// Runs a test against SQLite, then against PostgreSQL when NEXUS_TEST_PG_URL names
+    /// a server (a database of its own, dropped after).
+    fn each_backend(test: impl Fn(&mut dyn Backend)) {
+        let (_dir, mut s) = fresh();
+        test(&mut s);
+        if let Some(db) = crate::tasks::postgres::testing::TempDb::create() {
+            let mut pg = crate::tasks::postgres::PgStore::connect(&db.url, "unit", 10_000).unwrap();
+            pg.set_durability(Durability::Full).unwrap();
+            test(&mut pg);
+        }
+    }
+
     fn caps(c: &[&str]) -> Vec<String> {
         c.iter().map(|s| s.to_string()).collect()
     }
 
     #[test]
     fn priority_then_fifo_and_capabilities_decide_who_runs_what() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("q/tasks.db")).unwrap();
-        let low = s.submit(&task(&["a"]), 0).unwrap();
-        let high = s
-            .submit(
-                &NewTask {
-                    priority: 10,
-                    ..task(&["b"])
-                },
-                0,
-            )
-            .unwrap();
-        let gpu = s
-            .submit(
-                &NewTask {
-                    priority: 20,
-                    required: caps(&["gpu"]),
-                    ..task(&["c"])
-                },
-                0,
-            )
-            .unwrap();
-        let low2 = s.submit(&task(&["d"]), 0).unwrap();
-        // A worker without the gpu skips the gpu task, priority first, then FIFO.
-        let (t, n) = s.claim(1, 0, &[], 1).unwrap().unwrap();
-        assert_eq!(
-            (t.id, n, t.state, t.worker),
-            (high, 1, TaskState::Running, Some(1))
-        );
-        assert_eq!(s.claim(1, 0, &[], 1).unwrap().unwrap().0.id, low);
-        assert_eq!(s.claim(1, 0, &[], 1).unwrap().unwrap().0.id, low2);
-        assert!(
-            s.claim(1, 0, &[], 1).unwrap().is_none(),
-            "only the gpu task is left"
-        );
-        assert_eq!(
-            s.claim(2, 0, &caps(&["gpu", "ssd"]), 1)
-                .unwrap()
-                .unwrap()
-                .0
-                .id,
-            gpu
-        );
-        let counts = s.counts().unwrap();
-        assert!(counts.contains(&(TaskState::Running, 4)), "{counts:?}");
+        each_backend(|s| {
+            let low = s.submit(&task(&["a"]), 0).unwrap();
+            let high = s
+                .submit(
+                    &NewTask {
+                        priority: 10,
+                        ..task(&["b"])
+                    },
+                    0,
+                )
+                .unwrap();
+            let gpu = s
+                .submit(
+                    &NewTask {
+                        priority: 20,
+                        required: caps(&["gpu"]),
+                        ..task(&["c"])
+                    },
+                    0,
+                )
+                .unwrap();
+            let low2 = s.submit(&task(&["d"]), 0).unwrap();
+            // A worker without the gpu skips the gpu task, priority first, then FIFO.
+            let (t, n) = s.claim(1, 0, &[], 1).unwrap().unwrap();
+            assert_eq!(
+                (t.id, n, t.state, t.worker),
+                (high, 1, TaskState::Running, Some(1))
+            );
+            assert_eq!(s.claim(1, 0, &[], 1).unwrap().unwrap().0.id, low);
+            assert_eq!(s.claim(1, 0, &[], 1).unwrap().unwrap().0.id, low2);
+            assert!(
+                s.claim(1, 0, &[], 1).unwrap().is_none(),
+                "only the gpu task is left"
+            );
+            assert_eq!(
+                s.claim(2, 0, &caps(&["gpu", "ssd"]), 1)
+                    .unwrap()
+                    .unwrap()
+                    .0
+                    .id,
+                gpu
+            );
+            let counts = s.counts().unwrap();
+            assert!(counts.contains(&(TaskState::Running, 4)), "{counts:?}");
+        });
     }
 
     #[test]
     fn a_failed_attempt_is_retried_after_its_backoff_and_results_are_kept() {
-        let (_dir, mut s) = fresh();
-        let id = s.submit(&task(&["x"]), 0).unwrap();
-        let (_, a) = s.claim(1, 0, &[], 0).unwrap().unwrap();
-        assert_eq!(
-            s.finish(id, a, Ending::Exited(3), None, 10, &B).unwrap(),
-            TaskState::Retrying
-        );
-        assert!(
-            s.claim(1, 0, &[], 109).unwrap().is_none(),
-            "still backing off"
-        );
-        let (_, a) = s.claim(2, 0, &[], 110).unwrap().unwrap();
-        assert_eq!(a, 2);
-        // A late result of attempt 1 is refused and changes nothing.
-        assert!(matches!(
-            s.finish(id, 1, Ending::Exited(0), Some("{}"), 111, &B),
-            Err(StoreError::Refused(Refused::Superseded { .. }))
-        ));
-        assert_eq!(
-            s.finish(id, a, Ending::Exited(0), Some(r#"{"ok": 1}"#), 120, &B)
-                .unwrap(),
-            TaskState::Succeeded
-        );
-        let t = s.get(id).unwrap();
-        assert_eq!(t.result, Some(serde_json::json!({"ok": 1})));
-        assert_eq!(
-            (t.attempts, t.exit_code, t.finished_at_ms),
-            (2, Some(0), Some(120))
-        );
-        let n: i64 = s
-            .conn
-            .query_row(
-                "SELECT COUNT(*) FROM attempts WHERE task_id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(n, 2, "each attempt is kept");
+        each_backend(|s| {
+            let id = s.submit(&task(&["x"]), 0).unwrap();
+            let (_, a) = s.claim(1, 0, &[], 0).unwrap().unwrap();
+            assert_eq!(
+                s.finish(id, a, Ending::Exited(3), None, 10, &B).unwrap(),
+                TaskState::Retrying
+            );
+            assert!(
+                s.claim(1, 0, &[], 109).unwrap().is_none(),
+                "still backing off"
+            );
+            let (_, a) = s.claim(2, 0, &[], 110).unwrap().unwrap();
+            assert_eq!(a, 2);
+            // A late result of attempt 1 is refused and changes nothing.
+            assert!(matches!(
+                s.finish(id, 1, Ending::Exited(0), Some("{}"), 111, &B),
+                Err(StoreError::Refused(Refused::Superseded { .. }))
+            ));
+            assert_eq!(
+                s.finish(id, a, Ending::Exited(0), Some(r#"{"ok": 1}"#), 120, &B)
+                    .unwrap(),
+                TaskState::Succeeded
+            );
+            let t = s.get(id).unwrap();
+            assert_eq!(t.result, Some(serde_json::json!({"ok": 1})));
+            assert_eq!(
+                (t.attempts, t.exit_code, t.finished_at_ms),
+                (2, Some(0), Some(120))
+            );
+            let kept = s.attempts(id).unwrap();
+            assert_eq!(kept.len(), 2, "each attempt is kept");
+            assert_eq!(kept[1].exit_code, Some(0));
+        });
     }
 
     #[test]
     fn unique_keys_after_and_delay() {
-        let (_dir, mut s) = fresh();
-        let u = NewTask {
-            unique: Some("nightly".into()),
-            ..task(&["x"])
-        };
-        let first = s.submit(&u, 0).unwrap();
-        assert_eq!(
-            s.submit(&u, 0),
-            Err(StoreError::Duplicate {
-                key: "nightly".into(),
-                id: first
-            })
-        );
-        assert_eq!(
-            s.submit(
-                &NewTask {
-                    after: Some(999),
-                    ..task(&["y"])
-                },
-                0
-            ),
-            Err(StoreError::NoSuchTask(999))
-        );
-        let later = s
-            .submit(
-                &NewTask {
-                    after: Some(first),
-                    ..task(&["y"])
-                },
-                0,
-            )
-            .unwrap();
-        let delayed = s
-            .submit(
-                &NewTask {
-                    delay_ms: 500,
-                    ..task(&["z"])
-                },
-                0,
-            )
-            .unwrap();
-        let (t, a) = s.claim(1, 0, &[], 0).unwrap().unwrap();
-        assert_eq!(t.id, first);
-        assert!(
-            s.claim(1, 0, &[], 0).unwrap().is_none(),
-            "`later` waits for `first`"
-        );
-        s.finish(first, a, Ending::Exited(0), None, 1, &B).unwrap();
-        // The key is free again once its task is no longer live.
-        assert!(s.submit(&u, 2).is_ok());
-        assert_eq!(s.claim(1, 0, &[], 2).unwrap().unwrap().0.id, later);
-        assert_eq!(
-            s.claim(1, 0, &[], 499).unwrap().map(|t| t.0.id),
-            Some(first + 3)
-        );
-        assert_eq!(s.claim(1, 0, &[], 500).unwrap().unwrap().0.id, delayed);
+        each_backend(|s| {
+            let u = NewTask {
+                unique: Some("nightly".into()),
+                ..task(&["x"])
+            };
+            let first = s.submit(&u, 0).unwrap();
+            assert_eq!(
+                s.submit(&u, 0),
+                Err(StoreError::Duplicate {
+                    key: "nightly".into(),
+                    id: first
+                })
+            );
+            assert_eq!(
+                s.submit(
+                    &NewTask {
+                        after: Some(999),
+                        ..task(&["y"])
+                    },
+                    0
+                ),
+                Err(StoreError::NoSuchTask(999))
+            );
+            let later = s
+                .submit(
+                    &NewTask {
+                        after: Some(first),
+                        ..task(&["y"])
+                    },
+                    0,
+                )
+                .unwrap();
+            let delayed = s
+                .submit(
+                    &NewTask {
+                        delay_ms: 500,
+                        ..task(&["z"])
+                    },
+                    0,
+                )
+                .unwrap();
+            let (t, a) = s.claim(1, 0, &[], 0).unwrap().unwrap();
+            assert_eq!(t.id, first);
+            assert!(
+                s.claim(1, 0, &[], 0).unwrap().is_none(),
+                "`later` waits for `first`"
+            );
+            s.finish(first, a, Ending::Exited(0), None, 1, &B).unwrap();
+            // The key is free again once its task is no longer live.
+            assert!(s.submit(&u, 2).is_ok());
+            assert_eq!(s.claim(1, 0, &[], 2).unwrap().unwrap().0.id, later);
+            assert_eq!(
+                s.claim(1, 0, &[], 499).unwrap().map(|t| t.0.id),
+                Some(first + 3)
+            );
+            assert_eq!(s.claim(1, 0, &[], 500).unwrap().unwrap().0.id, delayed);
+        });
+    }
+
+    /// What the queue's reconcile does at a fresh start, task by task.
+    fn requeue_running(s: &mut dyn Backend, why: &str, now_ms: u64) -> Vec<(i64, TaskState)> {
+        let mut out = Vec::new();
+        for (id, attempt, ..) in s.running().unwrap() {
+            let st = s
+                .finish(id, attempt, Ending::Lost(why.into()), None, now_ms, &B)
+                .unwrap();
+            out.push((id, st));
+        }
+        out
     }
 
     #[test]
@@ -1003,15 +987,13 @@ mod tests {
         };
         // Reopened, as after every nexus process was killed.
         let mut s = Store::open(&path).unwrap();
-        let out = s
-            .requeue_running("nexus stopped while it ran", 50, &B)
-            .unwrap();
+        let out = requeue_running(&mut s, "nexus stopped while it ran", 50);
         assert_eq!(out, vec![(id, TaskState::Retrying)]);
         let t = s.get(id).unwrap();
         assert_eq!(t.attempts, 1);
         assert_eq!(t.error.as_deref(), Some("nexus stopped while it ran"));
         let (_, a) = s.claim(2, 0, &[], 1000).unwrap().unwrap();
-        s.requeue_running("again", 2000, &B).unwrap();
+        requeue_running(&mut s, "again", 2000);
         assert_eq!(
             s.get(id).unwrap().state,
             TaskState::Failed,
@@ -1021,102 +1003,105 @@ mod tests {
 
     #[test]
     fn cancel_a_queued_and_a_running_task() {
-        let (_dir, mut s) = fresh();
-        let q = s.submit(&task(&["x"]), 0).unwrap();
-        let r = s
-            .submit(
-                &NewTask {
-                    priority: 5,
-                    ..task(&["y"])
-                },
-                0,
-            )
-            .unwrap();
-        assert_eq!(s.claim(7, 0, &[], 0).unwrap().unwrap().0.id, r);
-        assert_eq!(s.cancel(q, 1), Ok(None));
-        assert_eq!(s.cancel(r, 1), Ok(Some(7)));
-        assert_eq!(
-            s.cancel(r, 2),
-            Err(StoreError::Refused(Refused::NotNow(TaskState::Cancelled)))
-        );
-        assert_eq!(s.cancel(42, 2), Err(StoreError::NoSuchTask(42)));
-        assert!(s.claim(7, 0, &[], 3).unwrap().is_none());
-        let page = s.list(Some(TaskState::Cancelled), 0, 10).unwrap();
-        assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), vec![q, r]);
-        assert_eq!(s.list(None, q, 10).unwrap().len(), 1, "paged after an id");
+        each_backend(|s| {
+            let q = s.submit(&task(&["x"]), 0).unwrap();
+            let r = s
+                .submit(
+                    &NewTask {
+                        priority: 5,
+                        ..task(&["y"])
+                    },
+                    0,
+                )
+                .unwrap();
+            assert_eq!(s.claim(7, 0, &[], 0).unwrap().unwrap().0.id, r);
+            assert_eq!(s.cancel(q, 1), Ok(None));
+            assert_eq!(s.cancel(r, 1), Ok(Some(7)));
+            assert_eq!(
+                s.cancel(r, 2),
+                Err(StoreError::Refused(Refused::NotNow(TaskState::Cancelled)))
+            );
+            assert_eq!(s.cancel(42, 2), Err(StoreError::NoSuchTask(42)));
+            assert!(s.claim(7, 0, &[], 3).unwrap().is_none());
+            let page = s.list(Some(TaskState::Cancelled), 0, 10).unwrap();
+            assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), vec![q, r]);
+            assert_eq!(s.list(None, q, 10).unwrap().len(), 1, "paged after an id");
+        });
     }
 
     #[test]
     fn a_failed_task_cancels_what_waits_for_it_and_cannot_be_waited_for() {
-        let (_dir, mut s) = fresh();
-        let a = s
-            .submit(
-                &NewTask {
-                    max_attempts: 1,
-                    ..task(&["a"])
-                },
-                0,
-            )
-            .unwrap();
-        let b = s
-            .submit(
-                &NewTask {
-                    after: Some(a),
-                    ..task(&["b"])
-                },
-                0,
-            )
-            .unwrap();
-        let c = s
-            .submit(
-                &NewTask {
-                    after: Some(b),
-                    ..task(&["c"])
-                },
-                0,
-            )
-            .unwrap();
-        let (_, n) = s.claim(1, 0, &[], 0).unwrap().unwrap();
-        assert_eq!(
-            s.finish(a, n, Ending::Exited(1), None, 5, &B).unwrap(),
-            TaskState::Failed
-        );
-        for id in [b, c] {
-            let t = s.get(id).unwrap();
-            assert_eq!(t.state, TaskState::Cancelled, "{t:?}");
-            assert!(t.error.unwrap().contains("runs after"));
-        }
-        assert_eq!(
-            s.submit(
-                &NewTask {
-                    after: Some(a),
-                    ..task(&["d"])
-                },
-                6
-            ),
-            Err(StoreError::Refused(Refused::NotNow(TaskState::Failed)))
-        );
+        each_backend(|s| {
+            let a = s
+                .submit(
+                    &NewTask {
+                        max_attempts: 1,
+                        ..task(&["a"])
+                    },
+                    0,
+                )
+                .unwrap();
+            let b = s
+                .submit(
+                    &NewTask {
+                        after: Some(a),
+                        ..task(&["b"])
+                    },
+                    0,
+                )
+                .unwrap();
+            let c = s
+                .submit(
+                    &NewTask {
+                        after: Some(b),
+                        ..task(&["c"])
+                    },
+                    0,
+                )
+                .unwrap();
+            let (_, n) = s.claim(1, 0, &[], 0).unwrap().unwrap();
+            assert_eq!(
+                s.finish(a, n, Ending::Exited(1), None, 5, &B).unwrap(),
+                TaskState::Failed
+            );
+            for id in [b, c] {
+                let t = s.get(id).unwrap();
+                assert_eq!(t.state, TaskState::Cancelled, "{t:?}");
+                assert!(t.error.unwrap().contains("runs after"));
+            }
+            assert_eq!(
+                s.submit(
+                    &NewTask {
+                        after: Some(a),
+                        ..task(&["d"])
+                    },
+                    6
+                ),
+                Err(StoreError::Refused(Refused::NotNow(TaskState::Failed)))
+            );
+        });
     }
 
     #[test]
     fn many_tasks_a_worker_cannot_run_never_hide_one_it_can() {
-        let (_dir, mut s) = fresh();
-        for _ in 0..300 {
-            s.submit(
-                &NewTask {
-                    priority: 9,
-                    required: caps(&["gpu"]),
-                    ..task(&["g"])
-                },
-                0,
-            )
-            .unwrap();
-        }
-        let plain = s.submit(&task(&["p"]), 0).unwrap();
-        assert_eq!(
-            s.claim(1, 0, &caps(&["ssd"]), 0).unwrap().unwrap().0.id,
-            plain
-        );
+        each_backend(|s| {
+            for _ in 0..300 {
+                s.submit(
+                    &NewTask {
+                        priority: 9,
+                        required: caps(&["gpu"]),
+                        ..task(&["g"])
+                    },
+                    0,
+                )
+                .unwrap();
+            }
+            let plain = s.submit(&task(&["p"]), 0).unwrap();
+            assert_eq!(
+                s.claim(1, 0, &caps(&["ssd"]), 0).unwrap().unwrap().0.id,
+                plain
+            );
+        });
     }
 
     #[test]

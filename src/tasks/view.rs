@@ -25,6 +25,7 @@ pub fn task_json(
         "attempts": t.attempts,
         "max_attempts": t.max_attempts,
         "worker": t.worker.map(|w| format!("workflow-{w}")),
+        "host": t.host,
         "pid": t.pid,
         "exit_code": t.exit_code,
         "result": t.result,
@@ -42,6 +43,7 @@ pub fn task_json(
         "history": history.iter().map(|a| json!({
             "attempt": a.attempt,
             "worker": format!("workflow-{}", a.worker),
+            "host": a.host,
             "started_at": rfc3339(a.started_at_ms),
             "finished_at": a.finished_at_ms.map(rfc3339),
             "exit_code": a.exit_code,

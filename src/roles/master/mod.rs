@@ -162,6 +162,17 @@ impl Master {
                 initial_ms: 1000,
                 max_ms: 60_000,
             },
+            shared: cfg
+                .queue_url
+                .clone()
+                .map(|url| crate::tasks::queue::Shared {
+                    url,
+                    host: cfg
+                        .queue_host
+                        .clone()
+                        .unwrap_or_else(|| crate::tasks::settings::default_queue_host(dir.path())),
+                    lease: Duration::from_millis(cfg.queue_lease_ms),
+                }),
         });
         if let Err(e) = queue {
             log::warn!("no task queue: {e}");
