@@ -14,6 +14,41 @@ const CONFIG: &str = r#"{"workflows": 3, "interval_ms": 100, "timeout_ms": 1000,
   "workers": [{"workflows": [1], "capabilities": ["gpu"], "concurrency": 2}],
   "actions": {"echo": {"command": ["sh", "-c", "cat; echo; echo attempt=$NEXUS_TASK_ATTEMPT"]}}}"#;
 
+/// The same config with the queue in PostgreSQL.
+fn with_queue(config: &str, url: &str) -> String {
+    let mut v: Value = serde_json::from_str(config).expect("a JSON config");
+    v["queue_url"] = Value::String(url.into());
+    v.to_string()
+}
+
+/// Each of these runs twice: on SQLite, and on PostgreSQL when a server is named (in CI
+/// always), in a database of its own.
+macro_rules! on_both_backends {
+    ($($name:ident),*) => {$(
+        mod $name {
+            #[test]
+            fn sqlite() {
+                super::$name(&super::Cluster::new(super::CONFIG));
+            }
+            #[test]
+            fn postgres() {
+                if let Some(db) = super::pg::TempDb::create() {
+                    let c = super::Cluster::new(&super::with_queue(super::CONFIG, &db.url));
+                    super::$name(&c);
+                    drop(c);
+                }
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    tasks_run_retry_time_out_cancel_chain_and_respect_capabilities,
+    a_killed_or_hung_worker_has_its_task_requeued_at_once,
+    sigkill_of_everything_then_start_finishes_every_task,
+    bad_input_is_one_line_and_stores_nothing
+);
+
 fn submit(c: &Cluster, args: &[&str]) -> i64 {
     let mut a = vec!["task", "submit"];
     a.extend_from_slice(args);
@@ -48,15 +83,13 @@ fn task_events(c: &Cluster, id: i64) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
-    let c = Cluster::new(CONFIG);
+fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities(c: &Cluster) {
     c.start();
     // An action: the task's JSON on stdin, its attempt in the environment, stdout the result.
-    let echo = submit(&c, &[r#"{"action": "echo", "n": 7}"#]);
+    let echo = submit(c, &[r#"{"action": "echo", "n": 7}"#]);
     let out = c.nexus(&["task", "wait", &echo.to_string()]);
     assert!(out.status.success(), "{}", text(&out));
-    let t = task(&c, echo);
+    let t = task(c, echo);
     assert_eq!(t["state"], "succeeded");
     assert_eq!(t["exit_code"], 0);
     assert_eq!(
@@ -64,11 +97,8 @@ fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
         "{t}"
     );
     // A result that parses is kept as JSON.
-    let js = submit(
-        &c,
-        &[r#"{"command": ["echo", "{\"ok\": true}"]}"#, "--wait"],
-    );
-    assert_eq!(task(&c, js)["result"]["ok"], true);
+    let js = submit(c, &[r#"{"command": ["echo", "{\"ok\": true}"]}"#, "--wait"]);
+    assert_eq!(task(c, js)["result"]["ok"], true);
     // Fails once, then succeeds: retried with its attempts kept.
     let flag = c.path().join("flag");
     let script = format!(
@@ -76,7 +106,7 @@ fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
         f = flag.display()
     );
     let flaky = submit(
-        &c,
+        c,
         &[
             &serde_json::json!({"command": ["sh", "-c", script]}).to_string(),
             "--max-attempts",
@@ -85,7 +115,7 @@ fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
     );
     // A timeout kills its group; with one attempt it fails.
     let slow = submit(
-        &c,
+        c,
         &[
             r#"{"command": ["sh", "-c", "sleep 30 & sleep 30"]}"#,
             "--timeout-ms",
@@ -96,28 +126,28 @@ fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
     );
     // Needs a capability only workflow-1 has; another nobody has.
     let gpu = submit(
-        &c,
+        c,
         &[r#"{"command": ["true"], "required_capabilities": ["gpu"]}"#],
     );
     let tpu = submit(
-        &c,
+        c,
         &[r#"{"command": ["true"], "required_capabilities": ["tpu"]}"#],
     );
     // Cancelled while running: killed.
-    let long = submit(&c, &[r#"{"command": ["sleep", "30"]}"#]);
+    let long = submit(c, &[r#"{"command": ["sleep", "30"]}"#]);
     let after = submit(
-        &c,
+        c,
         &[
             r#"{"command": ["echo", "chained"]}"#,
             "--after",
             &flaky.to_string(),
         ],
     );
-    let running = wait_state(&c, long, "running", Duration::from_secs(10));
+    let running = wait_state(c, long, "running", Duration::from_secs(10));
     wait_until("the long task's pid", Duration::from_secs(10), || {
-        task(&c, long)["pid"].as_i64().is_some()
+        task(c, long)["pid"].as_i64().is_some()
     });
-    let pid = task(&c, long)["pid"].as_i64().unwrap() as i32;
+    let pid = task(c, long)["pid"].as_i64().unwrap() as i32;
     let _ = running;
     let out = c.nexus(&["task", "cancel", &long.to_string()]);
     assert!(out.status.success(), "{}", text(&out));
@@ -141,7 +171,7 @@ fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
         "the timeout's failure: {}",
         text(&out)
     );
-    let f = task(&c, flaky);
+    let f = task(c, flaky);
     assert_eq!(
         (f["state"].as_str(), f["attempts"].as_i64()),
         (Some("succeeded"), Some(2)),
@@ -149,7 +179,7 @@ fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
     );
     assert_eq!(f["history"][0]["exit_code"], 4);
     assert_eq!(f["result"], "second");
-    let s = task(&c, slow);
+    let s = task(c, slow);
     assert_eq!(s["state"], "failed");
     assert!(
         s["error"]
@@ -158,9 +188,9 @@ fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
             .contains("timed out after 300 ms"),
         "{s}"
     );
-    assert_eq!(task(&c, gpu)["worker"], "workflow-1");
-    assert_eq!(task(&c, after)["result"], "chained");
-    let t = task(&c, tpu);
+    assert_eq!(task(c, gpu)["worker"], "workflow-1");
+    assert_eq!(task(c, after)["result"], "chained");
+    let t = task(c, tpu);
     assert_eq!(t["state"], "queued");
     assert!(
         t["waiting"]
@@ -169,10 +199,10 @@ fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
             .contains("no worker has the capabilities [\"tpu\"]"),
         "{t}"
     );
-    assert_eq!(task(&c, long)["state"], "cancelled");
+    assert_eq!(task(c, long)["state"], "cancelled");
     // The ledger tells each story.
     assert_eq!(
-        task_events(&c, flaky),
+        task_events(c, flaky),
         [
             "task_submitted",
             "task_started",
@@ -181,7 +211,7 @@ fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
             "task_succeeded"
         ]
     );
-    assert!(task_events(&c, long).contains(&"task_cancelled".to_string()));
+    assert!(task_events(c, long).contains(&"task_cancelled".to_string()));
     let out = c.nexus(&["events", "--event", "task_failed", "--json", "-n", "100"]);
     let failed: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -214,26 +244,24 @@ fn tasks_run_retry_time_out_cancel_chain_and_respect_capabilities() {
     // retry by hand of the failed one gives it fresh attempts.
     let out = c.nexus(&["task", "retry", &slow.to_string()]);
     assert!(out.status.success(), "{}", text(&out));
-    let s = wait_state(&c, slow, "failed", Duration::from_secs(10));
+    let s = wait_state(c, slow, "failed", Duration::from_secs(10));
     assert_eq!(s["attempts"], 2);
 }
 
-#[test]
-fn a_killed_or_hung_worker_has_its_task_requeued_at_once() {
-    let c = Cluster::new(CONFIG);
+fn a_killed_or_hung_worker_has_its_task_requeued_at_once(c: &Cluster) {
     c.start();
-    let id = submit(&c, &[r#"{"command": ["sh", "-c", "sleep 1; echo done"]}"#]);
+    let id = submit(c, &[r#"{"command": ["sh", "-c", "sleep 1; echo done"]}"#]);
     wait_until("the task's pid", Duration::from_secs(10), || {
-        task(&c, id)["pid"].as_i64().is_some()
+        task(c, id)["pid"].as_i64().is_some()
     });
-    let t = task(&c, id);
+    let t = task(c, id);
     let worker = t["worker"].as_str().unwrap().to_string();
     let first = t["pid"].as_i64().unwrap() as i32;
     let wid: u32 = worker.trim_start_matches("workflow-").parse().unwrap();
     signal(c.pid_of("workflow", wid).unwrap(), libc::SIGKILL);
     // Re-queued and started again well before any lease could have run out.
     wait_until("attempt 2 running", Duration::from_secs(5), || {
-        let t = task(&c, id);
+        let t = task(c, id);
         t["attempts"] == 2 && t["pid"].as_i64().is_some_and(|p| p as i32 != first)
     });
     wait_until(
@@ -241,7 +269,7 @@ fn a_killed_or_hung_worker_has_its_task_requeued_at_once() {
         Duration::from_secs(5),
         || gone(first),
     );
-    let t = wait_state(&c, id, "succeeded", Duration::from_secs(10));
+    let t = wait_state(c, id, "succeeded", Duration::from_secs(10));
     assert!(
         t["history"][0]["error"]
             .as_str()
@@ -250,30 +278,28 @@ fn a_killed_or_hung_worker_has_its_task_requeued_at_once() {
         "{t}"
     );
     // Hung: SIGSTOP the worker; the watchdogs' verdict (1 s here) re-queues it.
-    let id = submit(&c, &[r#"{"command": ["sh", "-c", "sleep 1; echo done"]}"#]);
+    let id = submit(c, &[r#"{"command": ["sh", "-c", "sleep 1; echo done"]}"#]);
     wait_until("the task's pid", Duration::from_secs(10), || {
-        task(&c, id)["pid"].as_i64().is_some()
+        task(c, id)["pid"].as_i64().is_some()
     });
-    let wid: u32 = task(&c, id)["worker"]
+    let wid: u32 = task(c, id)["worker"]
         .as_str()
         .unwrap()
         .trim_start_matches("workflow-")
         .parse()
         .unwrap();
     signal(c.pid_of("workflow", wid).unwrap(), libc::SIGSTOP);
-    let t = wait_state(&c, id, "succeeded", Duration::from_secs(15));
+    let t = wait_state(c, id, "succeeded", Duration::from_secs(15));
     assert_eq!(t["attempts"], 2, "{t}");
 }
 
-#[test]
-fn sigkill_of_everything_then_start_finishes_every_task() {
-    let c = Cluster::new(CONFIG);
+fn sigkill_of_everything_then_start_finishes_every_task(c: &Cluster) {
     c.start();
     let ids: Vec<i64> = (0..6)
-        .map(|_| submit(&c, &[r#"{"command": ["sh", "-c", "sleep 0.5; echo ok"]}"#]))
+        .map(|_| submit(c, &[r#"{"command": ["sh", "-c", "sleep 0.5; echo ok"]}"#]))
         .collect();
     wait_until("some running", Duration::from_secs(10), || {
-        ids.iter().any(|id| task(&c, *id)["state"] == "running")
+        ids.iter().any(|id| task(c, *id)["state"] == "running")
     });
     // Every nexus process and every task's process, at once.
     kill_all(c.path());
@@ -281,22 +307,20 @@ fn sigkill_of_everything_then_start_finishes_every_task() {
     let out = c.nexus(&["task", "wait", &ids[0].to_string(), &ids[5].to_string()]);
     let _ = out;
     for id in &ids {
-        let t = wait_state(&c, *id, "succeeded", Duration::from_secs(20));
+        let t = wait_state(c, *id, "succeeded", Duration::from_secs(20));
         assert_eq!(t["result"], "ok");
     }
     // Those that were running were re-queued with the attempt counted.
-    assert!(ids.iter().any(|id| task(&c, *id)["attempts"] == 2));
+    assert!(ids.iter().any(|id| task(c, *id)["attempts"] == 2));
     // And the master changing hands loses nothing, runs nothing twice.
-    let id = submit(&c, &[r#"{"command": ["sh", "-c", "sleep 1; echo once"]}"#]);
-    wait_state(&c, id, "running", Duration::from_secs(10));
+    let id = submit(c, &[r#"{"command": ["sh", "-c", "sleep 1; echo once"]}"#]);
+    wait_state(c, id, "running", Duration::from_secs(10));
     signal(c.master_pid(), libc::SIGKILL);
-    let t = wait_state(&c, id, "succeeded", Duration::from_secs(15));
+    let t = wait_state(c, id, "succeeded", Duration::from_secs(15));
     assert_eq!(t["attempts"], 1, "the failover did not re-run it: {t}");
 }
 
-#[test]
-fn bad_input_is_one_line_and_stores_nothing() {
-    let c = Cluster::new(CONFIG);
+fn bad_input_is_one_line_and_stores_nothing(c: &Cluster) {
     c.start();
     for (args, says) in [
         (vec!["{nope"], "not valid JSON"),
@@ -330,14 +354,14 @@ fn bad_input_is_one_line_and_stores_nothing() {
     assert_eq!(v["tasks"].as_array().unwrap().len(), 0, "{v}");
     // A program that cannot be executed: the task fails with the errno.
     let id = submit(
-        &c,
+        c,
         &[
             r#"{"command": ["/no/such/program"]}"#,
             "--max-attempts",
             "1",
         ],
     );
-    let t = wait_state(&c, id, "failed", Duration::from_secs(10));
+    let t = wait_state(c, id, "failed", Duration::from_secs(10));
     assert!(t["error"].as_str().unwrap().contains("ENOENT"), "{t}");
     // Garbage on the queue's socket is answered, never fatal.
     use std::io::{Read, Write};
@@ -346,11 +370,11 @@ fn bad_input_is_one_line_and_stores_nothing() {
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
     assert!(answer.contains("not a request"), "{answer}");
-    assert!(submit(&c, &[r#"{"command": ["true"]}"#]) > 0);
+    assert!(submit(c, &[r#"{"command": ["true"]}"#]) > 0);
 }
 
 #[test]
-fn a_broken_database_degrades_the_queue_not_the_cluster() {
+fn a_broken_database_degrades_the_queue_not_the_cluster_sqlite() {
     let c = Cluster::new(CONFIG);
     let state = c.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
@@ -378,4 +402,42 @@ fn a_broken_database_degrades_the_queue_not_the_cluster() {
         out.status.success()
     });
     assert_eq!(task(&c, id)["state"], "succeeded");
+}
+
+#[test]
+fn an_unreachable_postgres_degrades_the_queue_not_the_cluster() {
+    let Some(db) = pg::TempDb::create() else {
+        return;
+    };
+    // The server is reached through a relay that is not there yet.
+    let mut relay = pg::Relay::new(db.server());
+    let c = Cluster::new(&with_queue(CONFIG, &db.url_via(relay.port)));
+    c.start();
+    let out = c.nexus(&["task", "submit", r#"{"command": ["true"]}"#]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("task queue is unavailable") && err.contains("PostgreSQL"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        !err.contains("nexus:nexus@"),
+        "the password is not shown: {err}"
+    );
+    let out = c.nexus(&["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tasks: UNAVAILABLE"));
+    // The server comes back: so does the queue, by itself.
+    relay.open();
+    let mut id = 0;
+    wait_until("the queue back", Duration::from_secs(20), || {
+        let out = c.nexus(&["task", "submit", r#"{"command": ["true"]}"#, "--wait"]);
+        if out.status.success() {
+            id = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        }
+        out.status.success()
+    });
+    assert_eq!(task(&c, id)["state"], "succeeded");
+    drop(c);
 }

@@ -943,56 +943,9 @@ pub fn listen(url: String, notes: Sender<Note>, wake: Arc<mio::Waker>) {
     }
 }
 
-/// For tests: a database of its own on the server NEXUS_TEST_PG_URL names.
 #[cfg(test)]
-pub mod testing {
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    pub struct TempDb {
-        pub url: String,
-        base: String,
-        name: String,
-    }
-
-    impl TempDb {
-        /// None when no server is named (CI always names one: there it is an error).
-        pub fn create() -> Option<TempDb> {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let Ok(base) = std::env::var("NEXUS_TEST_PG_URL") else {
-                assert!(
-                    std::env::var("CI").as_deref() != Ok("true"),
-                    "CI runs the queue tests against PostgreSQL too: set NEXUS_TEST_PG_URL"
-                );
-                return None;
-            };
-            let name = format!(
-                "nexus_unit_{}_{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            );
-            let mut c = super::connect(&base).expect("NEXUS_TEST_PG_URL: cannot connect");
-            c.batch_execute(&format!("CREATE DATABASE {name}"))
-                .expect("cannot create a test database");
-            let (head, _) = base.rsplit_once('/').expect("a URL with a database");
-            Some(TempDb {
-                url: format!("{head}/{name}"),
-                base,
-                name,
-            })
-        }
-    }
-
-    impl Drop for TempDb {
-        fn drop(&mut self) {
-            if let Ok(mut c) = super::connect(&self.base) {
-                let _ = c.batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.name
-                ));
-            }
-        }
-    }
-}
+#[path = "../../tests/common/pg.rs"]
+pub mod testing;
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod pg;
+
 pub const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
 
 /// In the environment of everything a test cluster starts: its runtime directory.
