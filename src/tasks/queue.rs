@@ -1332,7 +1332,7 @@ impl Queue {
                 )
             })
             .collect();
-        scheduler::waiting_reason(
+        let why = scheduler::waiting_reason(
             &Waiting {
                 state: r.state,
                 required: &r.required,
@@ -1341,7 +1341,14 @@ impl Queue {
             },
             now_ms,
             &workers,
-        )
+        );
+        // This host sees only its own workers.
+        match (why, self.opts.shared.is_some()) {
+            (Some(w), true) if w.contains("worker") => Some(format!(
+                "{w}, on this host (another host sharing the queue may take it)"
+            )),
+            (why, _) => why,
+        }
     }
 
     fn task_json(&mut self, id: i64) -> Result<serde_json::Value, StoreError> {
