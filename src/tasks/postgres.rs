@@ -315,6 +315,10 @@ pub struct PgStore {
     prepared: Prepared,
     host: String,
     lease_ms: u64,
+    /// Within the owner's loop turn (`begin_batch`): changes join one transaction...
+    batching: bool,
+    /// ...opened at the first of them.
+    open: bool,
 }
 
 impl PgStore {
@@ -336,6 +340,8 @@ impl PgStore {
             prepared: Prepared::default(),
             host: host.to_string(),
             lease_ms,
+            batching: false,
+            open: false,
         };
         s.set_durability(Durability::Normal)?;
         s.take_lease()?;
@@ -350,6 +356,8 @@ impl PgStore {
             prepared: Prepared::default(),
             host: String::new(),
             lease_ms: 0,
+            batching: false,
+            open: false,
         })
     }
 
@@ -371,20 +379,39 @@ impl PgStore {
     }
 
     /// Runs `f` in one transaction (committed when it returns Ok, rolled back otherwise).
+    /// Within a batch, `f` joins the turn's transaction: a change that is refused decides
+    /// so before it writes, and any database error takes the whole store away (and the
+    /// server rolls the turn back), so no savepoint is needed.
     fn tx<T>(
         &mut self,
-        f: impl FnOnce(&mut Db<'_, postgres::Transaction<'_>>, &str) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut Db<'_, Client>, &str) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut t = self.client.transaction().map_err(db_err)?;
-        let r = f(
-            &mut Db {
-                c: &mut t,
+        if self.batching {
+            if !self.open {
+                self.client.batch_execute("BEGIN").map_err(db_err)?;
+                self.open = true;
+            }
+            let mut db = Db {
+                c: &mut self.client,
                 p: &mut self.prepared,
-            },
-            &self.host,
-        )?;
-        t.commit().map_err(db_err)?;
-        Ok(r)
+            };
+            return f(&mut db, &self.host);
+        }
+        self.client.batch_execute("BEGIN").map_err(db_err)?;
+        let mut db = Db {
+            c: &mut self.client,
+            p: &mut self.prepared,
+        };
+        match f(&mut db, &self.host) {
+            Ok(r) => {
+                self.client.batch_execute("COMMIT").map_err(db_err)?;
+                Ok(r)
+            }
+            Err(e) => {
+                let _ = self.client.batch_execute("ROLLBACK");
+                Err(e)
+            }
+        }
     }
 
     fn db(&mut self) -> Db<'_, Client> {
@@ -461,10 +488,29 @@ fn finish_in<C: GenericClient>(
     let state = life
         .end(attempt, ending, now_ms, &retry.backoff, retry.jitter)
         .map_err(StoreError::Refused)?;
-    store_life(db, id, &life)?;
+    // The task's new life, its result and its attempt's end in one statement.
     db.exec(
-        "UPDATE nexus_tasks SET result = $2 WHERE id = $1",
-        &[&id, &result],
+        "WITH t AS (UPDATE nexus_tasks SET state = $2, attempts = $3, max_attempts = $4, \
+         not_before_ms = $5, worker = $6, exit_code = $7, error = $8, started_at_ms = $9, \
+         finished_at_ms = $10, budget = $11, result = $12 WHERE id = $1) \
+         UPDATE nexus_attempts SET finished_at_ms = $14, exit_code = $7, error = $8 \
+         WHERE task_id = $1 AND n = $13",
+        &[
+            &id,
+            &life.state.as_str(),
+            &int(life.attempts),
+            &int(life.max_attempts),
+            &ms(life.not_before_ms),
+            &life.worker.map(int),
+            &life.exit_code,
+            &life.error,
+            &life.started_at_ms.map(ms),
+            &life.finished_at_ms.map(ms),
+            &int(life.budget),
+            &result,
+            &int(attempt),
+            &ms(now_ms),
+        ],
     )?;
     match state {
         TaskState::Failed => cancel_dependents(db, id, "failed", now_ms)?,
@@ -484,17 +530,6 @@ fn finish_in<C: GenericClient>(
     if state.is_final() {
         db.notify(&format!("done {id}"))?;
     }
-    db.exec(
-        "UPDATE nexus_attempts SET finished_at_ms = $3, exit_code = $4, error = $5 \
-         WHERE task_id = $1 AND n = $2",
-        &[
-            &id,
-            &int(attempt),
-            &ms(now_ms),
-            &life.exit_code,
-            &life.error,
-        ],
-    )?;
     Ok(state)
 }
 
@@ -512,13 +547,18 @@ fn live_with_key<C: GenericClient>(
 }
 
 impl Backend for PgStore {
-    /// Each change commits on its own: a transaction held across the loop's turn would
-    /// hold its row locks against the other hosts.
+    /// One transaction per turn of the owner's loop, as with SQLite: its row locks are
+    /// held for milliseconds, and the other hosts' claims skip them.
     fn begin_batch(&mut self) -> Result<(), StoreError> {
+        self.batching = true;
         Ok(())
     }
 
     fn commit_batch(&mut self) -> Result<(), StoreError> {
+        self.batching = false;
+        if std::mem::take(&mut self.open) {
+            self.client.batch_execute("COMMIT").map_err(db_err)?;
+        }
         Ok(())
     }
 
@@ -655,18 +695,33 @@ impl Backend for PgStore {
             let mut row = row_of(&found)?;
             let mut life = row.life();
             let attempt = life.start(worker, now_ms).map_err(StoreError::Refused)?;
-            store_life(db, row.id, &life)?;
+            // The task's new life and its attempt's row in one statement: a claim costs a
+            // round trip per statement.
             db.exec(
-                "UPDATE nexus_tasks SET pid = NULL, worker_pid = $2, host = $3 WHERE id = $1",
-                &[&row.id, &worker_pid, &host],
-            )?;
-            db.exec(
-                "INSERT INTO nexus_attempts (task_id, n, worker, host, started_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (task_id, n) DO UPDATE SET \
+                "WITH t AS (UPDATE nexus_tasks SET state = $2, attempts = $3, \
+                 max_attempts = $4, not_before_ms = $5, worker = $6, exit_code = $7, \
+                 error = $8, started_at_ms = $9, finished_at_ms = $10, budget = $11, \
+                 pid = NULL, worker_pid = $12, host = $13 WHERE id = $1) \
+                 INSERT INTO nexus_attempts (task_id, n, worker, host, started_at_ms) \
+                 VALUES ($1, $3, $6, $13, $9) ON CONFLICT (task_id, n) DO UPDATE SET \
                  worker = EXCLUDED.worker, host = EXCLUDED.host, \
                  started_at_ms = EXCLUDED.started_at_ms, finished_at_ms = NULL, \
                  exit_code = NULL, error = NULL",
-                &[&row.id, &int(attempt), &int(worker), &host, &ms(now_ms)],
+                &[
+                    &row.id,
+                    &life.state.as_str(),
+                    &int(life.attempts),
+                    &int(life.max_attempts),
+                    &ms(life.not_before_ms),
+                    &life.worker.map(int),
+                    &life.exit_code,
+                    &life.error,
+                    &life.started_at_ms.map(ms),
+                    &life.finished_at_ms.map(ms),
+                    &int(life.budget),
+                    &worker_pid,
+                    &host,
+                ],
             )?;
             row.apply(&life);
             row.pid = None;
