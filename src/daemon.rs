@@ -432,6 +432,8 @@ pub struct MasterProbe {
     lock: PathBuf,
     stopping: PathBuf,
     give_up_after: Duration,
+    /// How long a live standby is left to take a free lock before anyone else does.
+    standby_grace: Duration,
     masterless_since: Option<Instant>,
     /// Test-only (NEXUS_FAULT=no_takeover): probe but never take over.
     never_take_over: bool,
@@ -445,6 +447,7 @@ impl MasterProbe {
             lock: ctx.dir.leader_lock(),
             stopping: ctx.dir.stopping_marker(),
             give_up_after: 2 * ctx.config.timeout(),
+            standby_grace: ctx.config.interval(),
             masterless_since: None,
             never_take_over: std::env::var("NEXUS_FAULT")
                 .is_ok_and(|f| f.split(',').any(|x| x == "no_takeover")),
@@ -502,7 +505,14 @@ impl MasterProbe {
             }
             Err(_) => return Probe::Fine,
         };
-        self.masterless_since.get_or_insert_with(Instant::now);
+        let since = *self.masterless_since.get_or_insert_with(Instant::now);
+        // A standby blocked on the lock gets it a moment after the master dies; a probe
+        // that happens to look in that moment must not race it. Only a standby that has
+        // not taken the lock within an interval is taken as hung or gone.
+        if since.elapsed() < self.standby_grace && self.standby_alive() {
+            drop(lock);
+            return Probe::Fine;
+        }
         if !self.never_take_over && !self.stopping.exists() {
             return Probe::TakeOver(lock);
         }
@@ -538,6 +548,17 @@ impl MasterProbe {
             Some(t) if t.elapsed() >= self.give_up_after => Probe::GiveUp,
             _ => Probe::Fine,
         }
+    }
+
+    /// Whether a communicator of our directory other than us is alive (a standby).
+    fn standby_alive(&self) -> bool {
+        let Some(dir) = self.lock.parent() else {
+            return false;
+        };
+        let me = std::process::id() as i32;
+        crate::procscan::daemons_of(dir)
+            .iter()
+            .any(|f| f.slot.role == Role::Communicator && f.pid != me)
     }
 
     /// Whether the lock's recorded holder is a live communicator of our directory.

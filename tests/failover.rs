@@ -108,9 +108,25 @@ fn hung_master_is_killed_by_the_standby_and_replaced() {
             .collect()
     };
     // The new master writes the ledger after it has taken over and refilled the slots.
-    wait_until("the kill recorded", Duration::from_secs(5), || {
-        !killed_of().is_empty()
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while killed_of().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kill of {old} was not recorded; the ledger: {:?}; logs: {}",
+            c.events(),
+            std::fs::read_dir(c.path().join("logs"))
+                .map(|d| d
+                    .flatten()
+                    .map(|e| format!(
+                        "\n== {}\n{}",
+                        e.path().display(),
+                        std::fs::read_to_string(e.path()).unwrap_or_default()
+                    ))
+                    .collect::<String>())
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let killed = killed_of();
     assert_eq!(killed.len(), 1, "{killed:?}");
     assert_eq!(killed[0]["cause"], "hang");
