@@ -22,6 +22,20 @@ pub struct Heartbeat {
     pub requeued: Vec<(i64, u32, String, TaskState)>,
 }
 
+/// Every state with its count, from a `GROUP BY state` (states with no task count 0).
+pub fn every_state(got: &[(String, i64)]) -> Vec<(TaskState, u64)> {
+    TaskState::ALL
+        .into_iter()
+        .map(|s| {
+            let n = got
+                .iter()
+                .find(|(name, _)| name == s.as_str())
+                .map_or(0, |(_, n)| (*n).max(0) as u64);
+            (s, n)
+        })
+        .collect()
+}
+
 pub trait Backend: Send {
     /// Groups the changes that follow into one commit, until `commit_batch` (a store
     /// that cannot may commit each change on its own).

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use postgres::{Client, GenericClient, NoTls, Row, Statement};
 
-use crate::tasks::backend::{Backend, Heartbeat, RunningTask};
+use crate::tasks::backend::{Backend, Heartbeat, RunningTask, every_state};
 use crate::tasks::lifecycle::{Ending, Life, Refused, TaskState};
 use crate::tasks::store::{
     AttemptRow, Durability, NewTask, Retry, StoreError, TaskRow, parse_result,
@@ -204,7 +204,8 @@ struct Db<'a, C: GenericClient> {
     p: &'a mut Prepared,
 }
 
-type Params<'p> = &'p [&'p (dyn postgres::types::ToSql + Sync)];
+type Param<'p> = &'p (dyn postgres::types::ToSql + Sync);
+type Params<'p> = &'p [Param<'p>];
 
 impl<C: GenericClient> Db<'_, C> {
     fn query(&mut self, sql: &'static str, params: Params<'_>) -> Result<Vec<Row>, StoreError> {
@@ -422,24 +423,63 @@ impl PgStore {
     }
 }
 
+/// A task's life as the columns that hold it: the parameters $2 to $11 of every statement
+/// that stores one (`state = $2, attempts = $3, …, budget = $11`), after the id in $1.
+struct LifeColumns<'a> {
+    state: &'static str,
+    attempts: i32,
+    max_attempts: i32,
+    not_before_ms: i64,
+    worker: Option<i32>,
+    exit_code: Option<i32>,
+    error: Option<&'a str>,
+    started_at_ms: Option<i64>,
+    finished_at_ms: Option<i64>,
+    budget: i32,
+}
+
+impl<'a> LifeColumns<'a> {
+    fn of(l: &'a Life) -> LifeColumns<'a> {
+        LifeColumns {
+            state: l.state.as_str(),
+            attempts: int(l.attempts),
+            max_attempts: int(l.max_attempts),
+            not_before_ms: ms(l.not_before_ms),
+            worker: l.worker.map(int),
+            exit_code: l.exit_code,
+            error: l.error.as_deref(),
+            started_at_ms: l.started_at_ms.map(ms),
+            finished_at_ms: l.finished_at_ms.map(ms),
+            budget: int(l.budget),
+        }
+    }
+
+    /// `id` as $1, these as $2 to $11, then `more` from $12 on.
+    fn params<'p>(&'p self, id: &'p i64, more: &[Param<'p>]) -> Vec<Param<'p>> {
+        let mut p: Vec<Param<'p>> = vec![
+            id,
+            &self.state,
+            &self.attempts,
+            &self.max_attempts,
+            &self.not_before_ms,
+            &self.worker,
+            &self.exit_code,
+            &self.error,
+            &self.started_at_ms,
+            &self.finished_at_ms,
+            &self.budget,
+        ];
+        p.extend_from_slice(more);
+        p
+    }
+}
+
 fn store_life<C: GenericClient>(db: &mut Db<'_, C>, id: i64, l: &Life) -> Result<(), StoreError> {
     db.exec(
         "UPDATE nexus_tasks SET state = $2, attempts = $3, max_attempts = $4, \
          not_before_ms = $5, worker = $6, exit_code = $7, error = $8, started_at_ms = $9, \
          finished_at_ms = $10, budget = $11 WHERE id = $1",
-        &[
-            &id,
-            &l.state.as_str(),
-            &int(l.attempts),
-            &int(l.max_attempts),
-            &ms(l.not_before_ms),
-            &l.worker.map(int),
-            &l.exit_code,
-            &l.error,
-            &l.started_at_ms.map(ms),
-            &l.finished_at_ms.map(ms),
-            &int(l.budget),
-        ],
+        &LifeColumns::of(l).params(&id, &[]),
     )?;
     Ok(())
 }
@@ -495,22 +535,7 @@ fn finish_in<C: GenericClient>(
          finished_at_ms = $10, budget = $11, result = $12 WHERE id = $1) \
          UPDATE nexus_attempts SET finished_at_ms = $14, exit_code = $7, error = $8 \
          WHERE task_id = $1 AND n = $13",
-        &[
-            &id,
-            &life.state.as_str(),
-            &int(life.attempts),
-            &int(life.max_attempts),
-            &ms(life.not_before_ms),
-            &life.worker.map(int),
-            &life.exit_code,
-            &life.error,
-            &life.started_at_ms.map(ms),
-            &life.finished_at_ms.map(ms),
-            &int(life.budget),
-            &result,
-            &int(attempt),
-            &ms(now_ms),
-        ],
+        &LifeColumns::of(&life).params(&id, &[&result, &int(attempt), &ms(now_ms)]),
     )?;
     match state {
         TaskState::Failed => cancel_dependents(db, id, "failed", now_ms)?,
@@ -668,16 +693,7 @@ impl Backend for PgStore {
             let n: i64 = r.try_get(1).map_err(db_err)?;
             got.push((s, n));
         }
-        Ok(TaskState::ALL
-            .into_iter()
-            .map(|s| {
-                let n = got
-                    .iter()
-                    .find(|(name, _)| name == s.as_str())
-                    .map_or(0, |(_, n)| *n as u64);
-                (s, n)
-            })
-            .collect())
+        Ok(every_state(&got))
     }
 
     fn claim(
@@ -707,21 +723,7 @@ impl Backend for PgStore {
                  worker = EXCLUDED.worker, host = EXCLUDED.host, \
                  started_at_ms = EXCLUDED.started_at_ms, finished_at_ms = NULL, \
                  exit_code = NULL, error = NULL",
-                &[
-                    &row.id,
-                    &life.state.as_str(),
-                    &int(life.attempts),
-                    &int(life.max_attempts),
-                    &ms(life.not_before_ms),
-                    &life.worker.map(int),
-                    &life.exit_code,
-                    &life.error,
-                    &life.started_at_ms.map(ms),
-                    &life.finished_at_ms.map(ms),
-                    &int(life.budget),
-                    &worker_pid,
-                    &host,
-                ],
+                &LifeColumns::of(&life).params(&row.id, &[&worker_pid, &host]),
             )?;
             row.apply(&life);
             row.pid = None;

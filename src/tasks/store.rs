@@ -18,7 +18,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use crate::tasks::backend::{Backend, RunningTask};
+use crate::tasks::backend::{Backend, RunningTask, every_state};
 use crate::tasks::lifecycle::{Ending, Life, Refused, RetryBackoff, TaskState};
 
 const SCHEMA: &str = r#"
@@ -416,16 +416,7 @@ impl Backend for Store {
         let got: Vec<(String, i64)> = st
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        Ok(TaskState::ALL
-            .into_iter()
-            .map(|s| {
-                let n = got
-                    .iter()
-                    .find(|(name, _)| name == s.as_str())
-                    .map_or(0, |(_, n)| *n as u64);
-                (s, n)
-            })
-            .collect())
+        Ok(every_state(&got))
     }
 
     fn claim(
