@@ -441,3 +441,76 @@ fn an_unreachable_postgres_degrades_the_queue_not_the_cluster() {
     assert_eq!(task(&c, id)["state"], "succeeded");
     drop(c);
 }
+
+/// Whether this test process may make cgroups (the daemons sit in the same one).
+fn cgroups_writable() -> bool {
+    let Some(base) = own_cgroup_dir() else {
+        return false;
+    };
+    let probe = base.join(format!("nexus-test-probe.{}", std::process::id()));
+    let ok = std::fs::create_dir(&probe).is_ok();
+    let _ = std::fs::remove_dir(&probe);
+    ok
+}
+
+#[test]
+fn a_task_s_whole_tree_dies_with_it_in_its_cgroup() {
+    if !cgroups_writable() {
+        eprintln!("no writable cgroup v2 here: tasks have process groups only, nothing to test");
+        return;
+    }
+    let c = Cluster::new(CONFIG);
+    c.start();
+    // A child that left the task's session and process group (the program waits until it
+    // has: its pid is written after its setsid) outlives the program...
+    let escape = |pidfile: &std::path::Path, then: &str| {
+        let f = pidfile.display();
+        let script = format!(
+            "setsid sh -c 'echo $$ > {f}; exec sleep 300' & \
+             for i in $(seq 500); do [ -s {f} ] && break; sleep 0.01; done; {then}"
+        );
+        serde_json::json!({"command": ["sh", "-c", script]}).to_string()
+    };
+    let pidfile = c.path().join("escaped.pid");
+    let read_pid = |p: &std::path::Path| -> i32 {
+        std::fs::read_to_string(p).unwrap().trim().parse().unwrap()
+    };
+    let id = submit(&c, &[&escape(&pidfile, "exit 0"), "--wait"]);
+    assert_eq!(task(&c, id)["state"], "succeeded");
+    let escaped = read_pid(&pidfile);
+    // ...only until the worker reaps the program: its cgroup is killed then.
+    wait_until("the escaped child killed", Duration::from_secs(5), || {
+        gone(escaped)
+    });
+    // A timeout kills the whole tree, what escaped included.
+    let pidfile = c.path().join("escaped-slow.pid");
+    let slow = submit(
+        &c,
+        &[
+            &escape(&pidfile, "sleep 300"),
+            "--timeout-ms",
+            "1000",
+            "--max-attempts",
+            "1",
+        ],
+    );
+    let t = wait_state(&c, slow, "failed", Duration::from_secs(10));
+    assert!(
+        t["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("killed with its cgroup"),
+        "{t}"
+    );
+    let escaped = read_pid(&pidfile);
+    wait_until(
+        "the timed-out task's tree killed",
+        Duration::from_secs(5),
+        || gone(escaped),
+    );
+    // The cgroups are the workers' while they run, and none is left after a stop.
+    assert!(!task_cgroups(c.path()).is_empty());
+    let out = c.nexus(&["stop"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(task_cgroups(c.path()), Vec::<std::path::PathBuf>::new());
+}

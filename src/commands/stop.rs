@@ -110,12 +110,17 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
     // A program whose workflow had to be killed, or whose tree outlived its stop: nothing
     // of a service survives ./stop.
     let mut programs = sweep_programs(dir);
-    // Tasks' processes too (their workers stop them; this catches what escaped).
-    if let Ok(cfg) = crate::config::Config::load(&dir.config_file())
-        && let Some(state) = cfg.state_dir
-        && state.join("tasks.db").exists()
-    {
+    // Tasks' processes too (their workers stop them; this catches what escaped: by the
+    // queue's mark in their environment, and by the tasks' cgroups).
+    if let Ok(cfg) = crate::config::Config::load(&dir.config_file()) {
+        let state = cfg
+            .state_dir
+            .unwrap_or_else(|| crate::tasks::settings::default_state_dir(dir.path()));
         programs += crate::tasks::queue::kill_all_tasks(&state);
+    }
+    let task_cgroups = crate::tasks::cgroups::sweep_cluster(&crate::services::state::dir_tag(dir));
+    if task_cgroups > 0 {
+        log::info!("removed {task_cgroups} task cgroups that their workers had left");
     }
     dir.remove_sockets();
     let _ = std::fs::remove_file(&marker);

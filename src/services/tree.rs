@@ -143,7 +143,7 @@ fn enable_controller(dir: &Path, controller: &str) {
 }
 
 /// Our own cgroup's directory in the cgroup v2 hierarchy, if it is writable.
-fn own_cgroup_dir() -> Option<PathBuf> {
+pub fn own_cgroup_dir() -> Option<PathBuf> {
     let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
     // Fields: id parent major:minor root mountpoint options ... - fstype source superopts
     let mount = mounts.lines().find_map(|l| {

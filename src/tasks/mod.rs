@@ -4,10 +4,12 @@
 //!   and why a task waits (pure).
 //! - `store`: SQLite (WAL) in the state directory; `settings`: the config's task keys.
 //! - `queue`: the owner of the queue, a thread of the master serving `tasks.sock`.
-//! - `worker`: a free workflow running tasks; `wire`: the messages between them and the
-//!   CLI; `view`: a task as JSON.
+//! - `worker`: a free workflow running tasks; `cgroups`: the cgroup each of its running
+//!   tasks has to itself; `wire`: the messages between them and the CLI; `view`: a task
+//!   as JSON.
 
 pub mod backend;
+pub mod cgroups;
 pub mod lifecycle;
 pub mod postgres;
 pub mod queue;

@@ -1,7 +1,8 @@
 //! A free workflow as a task worker: one connection to the queue (`tasks.sock`), and up
-//! to `concurrency` running tasks, each its own process group with a pidfd, its stdout
-//! and stderr read into its log (bounded) and stdout's first `RESULT_MAX` bytes kept as
-//! its result. The workflow's loop polls all of it (tokens from `TOKEN_BASE` up).
+//! to `concurrency` running tasks, each its own process group and, where one is
+//! writable, its own cgroup (`cgroups`), with a pidfd, its stdout and stderr read into
+//! its log (bounded) and stdout's first `RESULT_MAX` bytes kept as its result. The
+//! workflow's loop polls all of it (tokens from `TOKEN_BASE` up).
 //!
 //! The queue may go away (a failover): the tasks keep running, what ends meanwhile is
 //! kept, and both are told to the next queue in the hello.
@@ -20,6 +21,8 @@ use mio::{Interest, Poll, Token};
 
 use crate::child::{self, Ended, Program, Stdio};
 use crate::ledger::rfc3339_now;
+use crate::services::tree::Cgroup;
+use crate::tasks::cgroups::TaskCgroups;
 use crate::tasks::wire::{self, FromQueue, Held, LOG_MAX, Outcome, RESULT_MAX, ToQueue};
 
 /// Far above the hosting code's tokens, which only count up from a few.
@@ -48,6 +51,18 @@ struct Running {
     timeout_ms: Option<u64>,
     /// Why we killed it, if we did: that is its error.
     killed: Option<String>,
+    /// Its tree's, where there is one: what escaped its process group is killed there.
+    cgroup: Option<Cgroup>,
+}
+
+impl Running {
+    /// SIGKILL to its whole tree: the cgroup where there is one, and the process group.
+    fn kill_tree(&self) {
+        if let Some(cg) = &self.cgroup {
+            cg.kill();
+        }
+        kill_group(self.pid, libc::SIGKILL);
+    }
 }
 
 pub struct TaskWorker {
@@ -66,6 +81,7 @@ pub struct TaskWorker {
     /// Outcomes not yet told to a queue.
     unsent: Vec<Outcome>,
     draining: bool,
+    cgroups: TaskCgroups,
 }
 
 fn slot_token(slot: usize, k: usize) -> Token {
@@ -86,6 +102,12 @@ impl TaskWorker {
             .filter(|(k, _)| !k.starts_with("NEXUS_TASK_"))
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
+        let tag = crate::services::state::dir_tag(&ctx.dir);
+        let cgroups = TaskCgroups::new(&tag, ctx.slot.id, ctx.pid);
+        match cgroups.described() {
+            Some(d) => log::info!("tasks run in cgroups of their own: {d}"),
+            None => log::info!("no writable cgroup v2: tasks run in process groups only"),
+        }
         let mut w = TaskWorker {
             socket: ctx.dir.tasks_socket(),
             queue_mark,
@@ -101,6 +123,7 @@ impl TaskWorker {
             next_slot: 0,
             unsent: Vec::new(),
             draining: false,
+            cgroups,
         };
         w.connect(poll);
         w
@@ -115,11 +138,11 @@ impl TaskWorker {
     }
 
     pub fn deadline(&self) -> Option<Instant> {
-        let tasks = self.tasks.values().filter_map(|t| t.deadline).min();
-        match (tasks, self.reconnect_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let tasks = self.tasks.values().filter_map(|t| t.deadline);
+        tasks
+            .chain(self.reconnect_at)
+            .chain(self.cgroups.deadline())
+            .min()
     }
 
     fn connect(&mut self, poll: &Poll) {
@@ -209,20 +232,26 @@ impl TaskWorker {
         }
     }
 
-    /// Timers: reconnecting, and tasks past their timeout.
+    /// Timers: reconnecting, tasks past their timeout, killed cgroups to make again.
     pub fn tick(&mut self, poll: &Poll) {
         let now = Instant::now();
         if self.reconnect_at.is_some_and(|t| t <= now) {
             self.connect(poll);
         }
+        self.cgroups.tick();
         for t in self.tasks.values_mut() {
             if t.deadline.is_some_and(|d| d <= now) {
                 t.deadline = None;
                 t.killed = Some(format!(
-                    "timed out after {} ms: killed with its process group",
-                    t.timeout_ms.unwrap_or(0)
+                    "timed out after {} ms: killed with its {}",
+                    t.timeout_ms.unwrap_or(0),
+                    if t.cgroup.is_some() {
+                        "cgroup"
+                    } else {
+                        "process group"
+                    }
                 ));
-                kill_group(t.pid, libc::SIGKILL);
+                t.kill_tree();
             }
         }
     }
@@ -278,7 +307,7 @@ impl TaskWorker {
                         log::info!("killing task {id} attempt {attempt}: {why}");
                         t.killed = Some(why);
                         t.deadline = None;
-                        kill_group(t.pid, libc::SIGKILL);
+                        t.kill_tree();
                     }
                 }
                 Ok(FromQueue::Error { message }) => log::warn!("the task queue: {message}"),
@@ -330,6 +359,7 @@ impl TaskWorker {
             cut: false,
             failed: false,
         };
+        let cgroup = self.cgroups.take();
         let started = (|| -> Result<(i32, OwnedFd, File, File), String> {
             let (stdin_r, stdin_w) = pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
             let (out_r, out_w) = pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
@@ -354,13 +384,17 @@ impl TaskWorker {
                 stdout: out_w.as_raw_fd(),
                 stderr: err_w.as_raw_fd(),
             };
-            let (pid, pidfd) = child::start(&prog, &stdio, None).map_err(|e| e.to_string())?;
+            let (pid, pidfd) = child::start(&prog, &stdio, cgroup.as_ref().map(Cgroup::fds))
+                .map_err(|e| e.to_string())?;
             Ok((pid, pidfd, File::from(out_r), File::from(err_r)))
         })();
         let (pid, pidfd, stdout, stderr) = match started {
             Ok(s) => s,
             Err(e) => {
                 log.write(format!("nexus: {e}\n").as_bytes());
+                if let Some(cg) = cgroup {
+                    self.cgroups.give_back(cg);
+                }
                 return fail(self, e);
             }
         };
@@ -392,6 +426,7 @@ impl TaskWorker {
                 deadline: timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms)),
                 timeout_ms,
                 killed: None,
+                cgroup,
             },
         );
         self.send(poll, &ToQueue::Started { id, attempt, pid });
@@ -410,6 +445,10 @@ impl TaskWorker {
         let Some(mut t) = self.tasks.remove(&slot) else {
             return;
         };
+        // What its program left behind (a daemonised child) is killed with the cgroup.
+        if let Some(cg) = t.cgroup.take() {
+            self.cgroups.give_back(cg);
+        }
         pump(&mut t, true, poll);
         pump(&mut t, false, poll);
         let _ = poll
@@ -457,10 +496,21 @@ impl TaskWorker {
         }
     }
 
+    /// The worker is going: every task's tree is killed, and its cgroup left to the pool,
+    /// which removes it once empty.
     pub fn kill_all(&mut self) {
-        for t in self.tasks.values() {
-            kill_group(t.pid, libc::SIGKILL);
+        for t in self.tasks.values_mut() {
+            t.kill_tree();
+            if let Some(cg) = t.cgroup.take() {
+                self.cgroups.give_back(cg);
+            }
         }
+    }
+}
+
+impl Drop for TaskWorker {
+    fn drop(&mut self) {
+        self.kill_all();
     }
 }
 

@@ -211,10 +211,8 @@ pub fn kill_all(dir: &Path) {
 /// The services' cgroups named in the directory's records (machine-wide state, so a
 /// test must not leave them behind).
 fn remove_cgroups(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir.join("services/state")) else {
-        return;
-    };
-    for e in entries.flatten() {
+    let entries = std::fs::read_dir(dir.join("services/state"));
+    for e in entries.into_iter().flatten().flatten() {
         let Some(rec) = std::fs::read(e.path())
             .ok()
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
@@ -222,14 +220,60 @@ fn remove_cgroups(dir: &Path) {
             continue;
         };
         if let Some(cg) = rec["cgroup"].as_str() {
-            for _ in 0..50 {
-                if std::fs::remove_dir(cg).is_ok() || !Path::new(cg).exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            remove_cgroup(Path::new(cg));
         }
     }
+    for cg in task_cgroups(dir) {
+        let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+        remove_cgroup(&cg);
+    }
+}
+
+fn remove_cgroup(cg: &Path) {
+    for _ in 0..50 {
+        if std::fs::remove_dir(cg).is_ok() || !cg.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The cgroups the workers of the cluster in `dir` made for their tasks, which sit
+/// below this process's own (the daemons' is the same): `nexus-TAG-task.…`, TAG the
+/// FNV-1a hash of the directory's path, as the daemons name them.
+pub fn task_cgroups(dir: &Path) -> Vec<PathBuf> {
+    let Some(base) = own_cgroup_dir() else {
+        return Vec::new();
+    };
+    let mut h: u32 = 0x811c_9dc5;
+    for b in dir.as_os_str().as_encoded_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let prefix = format!("nexus-{h:08x}-task.");
+    let Ok(entries) = std::fs::read_dir(&base) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        })
+        .collect()
+}
+
+/// This process's cgroup in the cgroup v2 hierarchy, if it has one.
+pub fn own_cgroup_dir() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2").then(|| left.split_whitespace().nth(4))?
+    })?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(Path::new(mount).join(rel.trim_start_matches('/')))
 }
 
 /// Live processes (not zombies) whose environment carries `MARKER=dir`.
