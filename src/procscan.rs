@@ -98,6 +98,13 @@ pub fn cpu_ticks(pid: i32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// CPU time of a process and of its children it reaped (utime, stime, cutime, cstime), in
+/// clock ticks: a task's program and what its shell ran and waited for.
+pub fn tree_cpu_ticks(pid: i32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    (11..=14).try_fold(0u64, |sum, i| Some(sum + f.get(i)?.parse::<u64>().ok()?))
+}
+
 /// The fields after the `(comm)` of /proc/PID/stat: index 0 is field 3 (state).
 fn stat_fields(pid: i32) -> Option<Vec<String>> {
     let s = read_small(&format!("/proc/{pid}/stat"))?;

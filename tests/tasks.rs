@@ -514,3 +514,49 @@ fn a_task_s_whole_tree_dies_with_it_in_its_cgroup() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(task_cgroups(c.path()), Vec::<std::path::PathBuf>::new());
 }
+
+#[test]
+fn among_equally_full_workers_the_task_goes_to_the_one_using_less_cpu() {
+    let c = Cluster::new(
+        r#"{"workflows": 2, "interval_ms": 100, "timeout_ms": 1000, "stop_grace_ms": 1000,
+            "workers": [{"workflows": [1, 2], "concurrency": 2}]}"#,
+    );
+    c.start();
+    let worker_of = |id: i64| {
+        wait_until(
+            &format!("task {id} started"),
+            Duration::from_secs(10),
+            || task(&c, id)["pid"].as_i64().is_some(),
+        );
+        task(&c, id)["worker"].as_str().unwrap().to_string()
+    };
+    // Both idle: the first goes to workflow-1 and spins; the second to the emptier one.
+    let spin = submit(&c, &[r#"{"command": ["sh", "-c", "while :; do :; done"]}"#]);
+    assert_eq!(worker_of(spin), "workflow-1");
+    let nap = submit(&c, &[r#"{"command": ["sleep", "30"]}"#]);
+    assert_eq!(worker_of(nap), "workflow-2");
+    // Both half full and given one each: once the samples show the spinner, the next
+    // goes to the one whose task sleeps, not to the lower id.
+    wait_until("workflow-1's CPU sampled", Duration::from_secs(10), || {
+        let st = c.status_json();
+        st["tasks"]["workers"].as_array().is_some_and(|ws| {
+            ws.iter().any(|w| {
+                w["worker"] == "workflow-1" && w["cpu_percent"].as_f64().unwrap_or(0.0) > 30.0
+            })
+        })
+    });
+    let third = submit(&c, &[r#"{"command": ["sleep", "30"]}"#]);
+    assert_eq!(
+        worker_of(third),
+        "workflow-2",
+        "{}",
+        c.status_json()["tasks"]
+    );
+    let out = c.nexus(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("%cpu"), "{text}");
+    for id in [spin, nap, third] {
+        let out = c.nexus(&["task", "cancel", &id.to_string()]);
+        assert!(out.status.success(), "{}", common::text(&out));
+    }
+}

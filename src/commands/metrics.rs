@@ -382,5 +382,19 @@ fn render_tasks(out: &mut String, t: &serde_json::Value) {
                 w["concurrency"]
             );
         }
+        family(
+            out,
+            "nexus_worker_cpu_cores",
+            "gauge",
+            "CPU each worker's tasks used over the last second, in cores.",
+        );
+        for w in ws {
+            let _ = writeln!(
+                out,
+                "nexus_worker_cpu_cores{{worker=\"{}\"}} {}",
+                w["worker"].as_str().unwrap_or(""),
+                w["cpu_percent"].as_f64().unwrap_or(0.0) / 100.0
+            );
+        }
     }
 }

@@ -845,8 +845,13 @@ pub fn render_overview(t: &Value) -> String {
                             )
                         })
                         .unwrap_or_default();
+                    let cpu = w["cpu_percent"]
+                        .as_f64()
+                        .filter(|_| w["running"].as_u64().is_some_and(|n| n > 0))
+                        .map(|c| format!(" {c:.0}%cpu"))
+                        .unwrap_or_default();
                     format!(
-                        "{} {}/{}{caps}",
+                        "{} {}/{}{cpu}{caps}",
                         s(w, "worker"),
                         w["running"],
                         w["concurrency"]
@@ -857,7 +862,7 @@ pub fn render_overview(t: &Value) -> String {
         .unwrap_or_default();
     if !workers.is_empty() {
         out.push_str(&format!(
-            "workers: {}  (running/concurrency)\n",
+            "workers: {}  (running/concurrency, their tasks' CPU)\n",
             workers.join("  ")
         ));
     }

@@ -40,11 +40,16 @@ pub fn cluster_prefix(dir_tag: &str) -> String {
     format!("nexus-{dir_tag}-task.")
 }
 
+/// The names of the cgroups of worker `worker`'s tasks while it has pid `pid`.
+pub fn worker_prefix(dir_tag: &str, worker: u32, pid: i32) -> String {
+    format!("{}w{worker}.{pid}.", cluster_prefix(dir_tag))
+}
+
 impl TaskCgroups {
     pub fn new(dir_tag: &str, worker: u32, pid: i32) -> TaskCgroups {
         let of_worker = format!("{}w{worker}.", cluster_prefix(dir_tag));
         let mut me = TaskCgroups {
-            prefix: format!("{of_worker}{pid}."),
+            prefix: worker_prefix(dir_tag, worker, pid),
             free: Vec::new(),
             settling: Vec::new(),
             stale: Vec::new(),
@@ -182,7 +187,7 @@ fn remove_when_empty(mut paths: Vec<PathBuf>) {
 }
 
 /// The cgroups below ours whose names start with `prefix`.
-fn cgroups_named(prefix: &str) -> Vec<PathBuf> {
+pub fn cgroups_named(prefix: &str) -> Vec<PathBuf> {
     let Some(base) = tree::own_cgroup_dir() else {
         return Vec::new();
     };

@@ -1,7 +1,7 @@
 //! The task queue: a durable priority queue that the free workflows execute.
 //!
 //! - `lifecycle`: a task's life, a pure state machine; `scheduler`: who gets the next task,
-//!   and why a task waits (pure).
+//!   and why a task waits (pure); `cpu`: the CPU each worker's tasks use, which it weighs.
 //! - `store`: SQLite (WAL) in the state directory; `settings`: the config's task keys.
 //! - `queue`: the owner of the queue, a thread of the master serving `tasks.sock`.
 //! - `worker`: a free workflow running tasks; `cgroups`: the cgroup each of its running
@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod cgroups;
+pub mod cpu;
 pub mod lifecycle;
 pub mod postgres;
 pub mod queue;

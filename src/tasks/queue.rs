@@ -42,6 +42,8 @@ pub const MAX_PAGE: u32 = 1000;
 /// How often a database that failed is tried again.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often the workers' tasks' CPU is sampled while any runs (`cpu`).
+const CPU_EVERY: Duration = Duration::from_secs(1);
 /// A task marked running whose worker is alive but not connected (a failover) is given
 /// this long for the worker to come back before it is taken as lost.
 const RECONNECT_GRACE: Duration = Duration::from_secs(5);
@@ -110,6 +112,9 @@ struct Worker {
     running: BTreeMap<(i64, u32), i32>,
     given: u64,
     draining: bool,
+    /// Its tasks' CPU counters at the last sample, and the rate since the one before.
+    cpu_sample: Option<(Instant, BTreeMap<String, u64>)>,
+    cpu_permille: u32,
 }
 
 struct Queue {
@@ -144,6 +149,9 @@ struct Queue {
     /// A shared queue: what the listener thread heard, and when to renew the lease.
     notes: Option<std::sync::mpsc::Receiver<Note>>,
     next_beat: Instant,
+    /// The runtime directory's tag, which the tasks' cgroups are named by.
+    dir_tag: String,
+    next_cpu: Instant,
 }
 
 impl Queue {
@@ -172,6 +180,7 @@ impl Queue {
             }
             None => None,
         };
+        let opts_dir = opts.dir.clone();
         Ok(Queue {
             fresh: opts.fresh,
             opts,
@@ -197,6 +206,8 @@ impl Queue {
             rng: crate::daemon::Rng::seeded(seed),
             notes,
             next_beat: Instant::now(),
+            dir_tag: crate::services::state::dir_tag(&opts_dir),
+            next_cpu: Instant::now(),
         })
     }
 
@@ -289,6 +300,9 @@ impl Queue {
         }
         if self.opts.shared.is_some() && self.store.is_some() {
             at(self.next_beat);
+        }
+        if self.any_running() {
+            at(self.next_cpu);
         }
         wake
     }
@@ -534,6 +548,31 @@ impl Queue {
             self.next_prune = now + PRUNE_EVERY;
             self.prune();
         }
+        if now >= self.next_cpu && self.any_running() {
+            self.next_cpu = now + CPU_EVERY;
+            self.sample_cpu(now);
+        }
+    }
+
+    fn any_running(&self) -> bool {
+        self.workers.values().any(|w| !w.running.is_empty())
+    }
+
+    /// Each worker's tasks' CPU since the last sample (a worker running nothing uses none).
+    fn sample_cpu(&mut self, now: Instant) {
+        for (id, w) in self.workers.iter_mut() {
+            if w.running.is_empty() {
+                w.cpu_sample = None;
+                w.cpu_permille = 0;
+                continue;
+            }
+            let pids: Vec<i32> = w.running.values().copied().collect();
+            let counters = crate::tasks::cpu::usage(&self.dir_tag, *id, w.pid, &pids);
+            if let Some((at, before)) = &w.cpu_sample {
+                w.cpu_permille = scheduler::cpu_permille(before, &counters, now - *at);
+            }
+            w.cpu_sample = Some((now, counters));
+        }
     }
 
     fn prune(&mut self) {
@@ -625,6 +664,7 @@ impl Queue {
                 running: w.running.len() as u32,
                 concurrency: w.concurrency,
                 given: w.given,
+                cpu_permille: w.cpu_permille,
                 draining: w.draining,
             })
             .collect()
@@ -884,6 +924,8 @@ impl Queue {
             running: BTreeMap::new(),
             given: 0,
             draining: false,
+            cpu_sample: None,
+            cpu_permille: 0,
         };
         for h in &running {
             w.running.insert((h.id, h.attempt), h.pid);
@@ -1395,6 +1437,7 @@ impl Queue {
                     "concurrency": w.concurrency,
                     "capabilities": w.capabilities,
                     "draining": w.draining,
+                    "cpu_percent": f64::from(w.cpu_permille) / 10.0,
                     "tasks": w.running.keys().map(|(t, _)| *t).collect::<Vec<_>>(),
                 })
             })
