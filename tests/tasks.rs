@@ -560,3 +560,138 @@ fn among_equally_full_workers_the_task_goes_to_the_one_using_less_cpu() {
         assert!(out.status.success(), "{}", common::text(&out));
     }
 }
+
+#[test]
+fn a_task_writing_hundreds_of_megabytes_has_its_log_and_result_cut_at_the_bounds() {
+    let c = Cluster::new(CONFIG);
+    c.start();
+    // 256 MiB on stdout and 64 MiB on stderr: the program is never blocked by the cut
+    // (the worker goes on reading), and what is kept stays bounded.
+    let id = submit(
+        &c,
+        &[
+            r#"{"command": ["sh", "-c", "head -c 268435456 /dev/zero | tr '\\0' x; head -c 67108864 /dev/zero >&2"]}"#,
+            "--timeout-ms",
+            "120000",
+        ],
+    );
+    let t = wait_state(&c, id, "succeeded", Duration::from_secs(120));
+    let result = t["result"].as_str().expect("a string result");
+    assert_eq!(
+        result.len(),
+        64 * 1024,
+        "the result is stdout's first 64 KiB"
+    );
+    assert!(result.bytes().all(|b| b == b'x'));
+    let log = std::path::PathBuf::from(t["log"].as_str().unwrap());
+    let size = std::fs::metadata(&log).unwrap().len();
+    assert!(
+        size <= (4 << 20) + 4096,
+        "the log is cut at 4 MiB, not {size} bytes"
+    );
+    let out = c.nexus(&["task", "logs", &id.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let tail =
+        String::from_utf8_lossy(&out.stdout[out.stdout.len().saturating_sub(200)..]).into_owned();
+    assert!(
+        tail.contains("[nexus: the log is cut at 4194304 bytes]"),
+        "{tail}"
+    );
+}
+
+/// A tmpfs of 1 MiB mounted for the test, unmounted when it ends (root only).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path) -> Option<SmallDisk> {
+        std::fs::create_dir_all(at).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_or_locked_database_fails_submits_by_name_and_recovers_by_itself() {
+    let dir = tempfile::Builder::new().prefix("nxdisk").tempdir().unwrap();
+    let state = dir.path().join("state");
+    let Some(_disk) = SmallDisk::mount(&state) else {
+        eprintln!("cannot mount a small tmpfs (not root?): the full-disk case is skipped");
+        return;
+    };
+    let mut cfg: Value = serde_json::from_str(CONFIG).unwrap();
+    cfg["state_dir"] = Value::String(state.display().to_string());
+    // Declared after the disk: stopped before it is unmounted.
+    let c = Cluster::new(&cfg.to_string());
+    c.start();
+    let first = submit(&c, &[r#"{"command": ["true"]}"#, "--wait"]);
+    assert_eq!(task(&c, first)["state"], "succeeded");
+    // Full: every submit fails naming the file and the cause; the cluster goes on.
+    let filler = state.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let db = state.join("tasks.db").display().to_string();
+    for _ in 0..2 {
+        let out = c.nexus(&["task", "submit", r#"{"command": ["true"]}"#]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("the task queue is unavailable")
+                && err.contains(&db)
+                && err.contains("full"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    assert!(c.nexus(&["health"]).status.code().is_some_and(|c| c <= 1));
+    std::fs::remove_file(&filler).unwrap();
+    let mut again = 0;
+    wait_until(
+        "the queue back after the disk",
+        Duration::from_secs(10),
+        || {
+            let out = c.nexus(&["task", "submit", r#"{"command": ["true"]}"#, "--wait"]);
+            if out.status.success() {
+                again = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+            }
+            out.status.success()
+        },
+    );
+    assert_eq!(task(&c, again)["state"], "succeeded");
+    // Locked by another process past the busy timeout (5 s): the same, then back.
+    let holder = rusqlite::Connection::open(state.join("tasks.db")).unwrap();
+    holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let out = c.nexus(&["task", "submit", r#"{"command": ["true"]}"#]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&db) && err.contains("locked"), "{err}");
+    drop(holder);
+    wait_until(
+        "the queue back after the lock",
+        Duration::from_secs(10),
+        || {
+            c.nexus(&["task", "submit", r#"{"command": ["true"]}"#, "--wait"])
+                .status
+                .success()
+        },
+    );
+    // Nothing acknowledged was lost.
+    assert_eq!(task(&c, first)["state"], "succeeded");
+    assert_eq!(task(&c, again)["state"], "succeeded");
+}

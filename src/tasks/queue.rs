@@ -319,12 +319,29 @@ impl Queue {
     /// A database error takes the store away until it can be reopened.
     fn failed(&mut self, e: &StoreError) {
         if let StoreError::Db(msg) = e {
+            let at = self.location();
+            let msg = if msg.starts_with(&at) {
+                msg.clone()
+            } else {
+                format!("{at}: {msg}")
+            };
             log::warn!("the task queue is unavailable: {msg}; retrying each second");
-            self.db_error = Some(msg.clone());
+            self.db_error = Some(msg);
             self.store = None;
             self.in_batch = false;
             self.lock = None;
             self.next_reopen = Instant::now() + REOPEN_EVERY;
+        }
+    }
+
+    /// Where the queue is, for messages: the SQLite file, or the server (no password).
+    fn location(&self) -> String {
+        match &self.opts.shared {
+            Some(shared) => format!(
+                "PostgreSQL at {}",
+                crate::tasks::postgres::describe_url(&shared.url)
+            ),
+            None => self.opts.state_dir.join("tasks.db").display().to_string(),
         }
     }
 
@@ -875,7 +892,18 @@ impl Queue {
                 }
             }
             other => {
-                let answer = self.answer(token, other);
+                let had_store = self.store.is_some();
+                let mut answer = self.answer(token, other);
+                // The database failed under this request: say so as every later one will.
+                if had_store
+                    && self.store.is_none()
+                    && let Some(FromQueue::Error { message }) = answer.as_mut()
+                {
+                    *message = format!(
+                        "the task queue is unavailable: {}",
+                        self.db_error.as_deref().unwrap_or("the database failed")
+                    );
+                }
                 if let Some(a) = answer {
                     self.reply(token, &a);
                 }
