@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS nexus_tasks (
 CREATE INDEX IF NOT EXISTS nexus_tasks_runnable ON nexus_tasks (priority DESC, id)
     WHERE state IN ('queued', 'retrying') AND ready;
 CREATE INDEX IF NOT EXISTS nexus_tasks_by_state ON nexus_tasks (state);
+CREATE INDEX IF NOT EXISTS nexus_tasks_due ON nexus_tasks (not_before_ms)
+    WHERE state IN ('queued', 'retrying') AND ready;
 CREATE INDEX IF NOT EXISTS nexus_tasks_running ON nexus_tasks (host) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS nexus_tasks_by_parent ON nexus_tasks (after_id)
     WHERE after_id IS NOT NULL;

@@ -614,6 +614,9 @@ impl Queue {
     /// out: no task left, or no free worker that can run one.
     fn dispatch(&mut self) {
         let now_ms = unix_ms_now();
+        // Asked once: after a claim, the next one finds out by itself (a query saved per
+        // task; at the end of a burst each free worker's claim comes back empty once).
+        let mut known_runnable = false;
         for _ in 0..100_000 {
             let order = scheduler::offer_order(&self.loads());
             if order.is_empty() {
@@ -622,10 +625,12 @@ impl Queue {
             let Some(store) = self.store.as_mut() else {
                 return;
             };
-            match store.any_runnable(now_ms) {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(e) => return self.failed(&e),
+            if !known_runnable {
+                match store.any_runnable(now_ms) {
+                    Ok(true) => known_runnable = true,
+                    Ok(false) => break,
+                    Err(e) => return self.failed(&e),
+                }
             }
             let mut given = None;
             for w in order {

@@ -52,6 +52,10 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, ready, priority DESC, id);
 CREATE INDEX IF NOT EXISTS tasks_by_parent ON tasks (after_id) WHERE after_id IS NOT NULL;
+-- When the next held-back task is due: without it, that MIN read every queued row, 0.9 ms
+-- per dispatch with 10,000 queued.
+CREATE INDEX IF NOT EXISTS tasks_due ON tasks (not_before_ms)
+    WHERE state IN ('queued', 'retrying') AND ready = 1;
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_live_unique ON tasks (unique_key)
     WHERE unique_key IS NOT NULL AND state IN ('queued', 'running', 'retrying');
 CREATE TABLE IF NOT EXISTS attempts (
@@ -272,6 +276,8 @@ impl Store {
         let conn = Connection::open(path).map_err(at)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(at)?;
+        // Room for every statement of the dispatch path (see `Cached`).
+        conn.set_prepared_statement_cache_capacity(64);
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
             .map_err(at)?;
@@ -323,7 +329,7 @@ impl Backend for Store {
         let tx = self.conn.savepoint()?;
         if let Some(key) = &t.unique {
             let live: Option<i64> = tx
-                .query_row(
+                .one(
                     "SELECT id FROM tasks WHERE unique_key = ?1 \
                      AND state IN ('queued', 'running', 'retrying')",
                     [key],
@@ -340,7 +346,7 @@ impl Backend for Store {
         let mut ready = true;
         if let Some(after) = t.after {
             let state: Option<String> = tx
-                .query_row("SELECT state FROM tasks WHERE id = ?1", [after], |r| {
+                .one("SELECT state FROM tasks WHERE id = ?1", [after], |r| {
                     r.get(0)
                 })
                 .optional()?;
@@ -354,7 +360,7 @@ impl Backend for Store {
         }
         let not_before = now_ms.saturating_add(t.delay_ms).min(i64::MAX as u64);
         let life = Life::new(t.max_attempts, not_before);
-        tx.execute(
+        tx.run(
             "INSERT INTO tasks (spec, argv, required, priority, timeout_ms, after_id, unique_key, \
              state, attempts, max_attempts, budget, not_before_ms, submitted_at_ms, cwd, ready) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?9, ?10, ?11, ?12, ?13)",
@@ -381,7 +387,7 @@ impl Backend for Store {
 
     fn get(&mut self, id: i64) -> Result<TaskRow, StoreError> {
         self.conn
-            .query_row(
+            .one(
                 &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
                 [id],
                 row_of,
@@ -431,7 +437,7 @@ impl Backend for Store {
         // worker cannot run never hide one it can.
         let caps = serde_json::to_string(capabilities).unwrap_or_else(|_| "[]".into());
         let found = tx
-            .query_row(
+            .one(
                 &format!(
                     "SELECT {COLUMNS} FROM tasks WHERE state IN ('queued', 'retrying') \
                      AND ready = 1 AND not_before_ms <= ?1 \
@@ -449,11 +455,11 @@ impl Backend for Store {
         let mut life = row.life();
         let attempt = life.start(worker, now_ms).map_err(StoreError::Refused)?;
         store_life(&tx, row.id, &life)?;
-        tx.execute(
+        tx.run(
             "UPDATE tasks SET pid = NULL, worker_pid = ?2 WHERE id = ?1",
             params![row.id, worker_pid],
         )?;
-        tx.execute(
+        tx.run(
             "INSERT OR REPLACE INTO attempts (task_id, n, worker, started_at_ms) \
              VALUES (?1, ?2, ?3, ?4)",
             params![row.id, attempt, worker, now_ms as i64],
@@ -476,7 +482,7 @@ impl Backend for Store {
     ) -> Result<TaskState, StoreError> {
         let tx = self.conn.savepoint()?;
         let row = tx
-            .query_row(
+            .one(
                 &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
                 [id],
                 row_of,
@@ -488,7 +494,7 @@ impl Backend for Store {
             .end(attempt, ending, now_ms, &retry.backoff, retry.jitter)
             .map_err(StoreError::Refused)?;
         store_life(&tx, id, &life)?;
-        tx.execute(
+        tx.run(
             "UPDATE tasks SET result = ?2 WHERE id = ?1",
             params![id, result],
         )?;
@@ -496,9 +502,9 @@ impl Backend for Store {
             cancel_dependents(&tx, id, "failed", now_ms)?;
         }
         if state == TaskState::Succeeded {
-            tx.execute("UPDATE tasks SET ready = 1 WHERE after_id = ?1", [id])?;
+            tx.run("UPDATE tasks SET ready = 1 WHERE after_id = ?1", [id])?;
         }
-        tx.execute(
+        tx.run(
             "UPDATE attempts SET finished_at_ms = ?3, exit_code = ?4, error = ?5 \
              WHERE task_id = ?1 AND n = ?2",
             params![id, attempt, now_ms as i64, life.exit_code, life.error],
@@ -510,7 +516,7 @@ impl Backend for Store {
     fn cancel(&mut self, id: i64, now_ms: u64) -> Result<Option<u32>, StoreError> {
         let tx = self.conn.savepoint()?;
         let row = tx
-            .query_row(
+            .one(
                 &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
                 [id],
                 row_of,
@@ -522,7 +528,7 @@ impl Backend for Store {
         store_life(&tx, id, &life)?;
         cancel_dependents(&tx, id, "was cancelled", now_ms)?;
         if worker.is_some() {
-            tx.execute(
+            tx.run(
                 "UPDATE attempts SET finished_at_ms = ?3, error = 'cancelled' \
                  WHERE task_id = ?1 AND n = ?2",
                 params![id, life.attempts, now_ms as i64],
@@ -551,9 +557,9 @@ impl Backend for Store {
     }
 
     fn next_due_ms(&mut self, now_ms: u64) -> Result<Option<u64>, StoreError> {
-        let v: Option<i64> = self.conn.query_row(
-            "SELECT MIN(not_before_ms) FROM tasks WHERE state IN ('queued', 'retrying') \
-             AND ready = 1 AND not_before_ms > ?1",
+        let v: Option<i64> = self.conn.one(
+            "SELECT MIN(not_before_ms) FROM tasks INDEXED BY tasks_due \
+             WHERE state IN ('queued', 'retrying') AND ready = 1 AND not_before_ms > ?1",
             [now_ms as i64],
             |r| r.get(0),
         )?;
@@ -637,8 +643,8 @@ impl Backend for Store {
                 .collect::<Result<_, _>>()?
         };
         for id in &ids {
-            tx.execute("DELETE FROM attempts WHERE task_id = ?1", [id])?;
-            tx.execute("DELETE FROM tasks WHERE id = ?1", [id])?;
+            tx.run("DELETE FROM attempts WHERE task_id = ?1", [id])?;
+            tx.run("DELETE FROM tasks WHERE id = ?1", [id])?;
         }
         tx.commit()?;
         Ok(ids)
@@ -647,7 +653,7 @@ impl Backend for Store {
     fn retry(&mut self, id: i64, now_ms: u64) -> Result<(), StoreError> {
         let tx = self.conn.savepoint()?;
         let row = tx
-            .query_row(
+            .one(
                 &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
                 [id],
                 row_of,
@@ -656,7 +662,7 @@ impl Backend for Store {
             .ok_or(StoreError::NoSuchTask(id))?;
         if let Some(key) = &row.unique {
             let live: Option<i64> = tx
-                .query_row(
+                .one(
                     "SELECT id FROM tasks WHERE unique_key = ?1 AND id != ?2 \
                      AND state IN ('queued', 'running', 'retrying')",
                     params![key, id],
@@ -696,7 +702,7 @@ fn cancel_dependents(tx: &Connection, id: i64, what: &str, now_ms: u64) -> Resul
                 .collect::<Result<_, _>>()?
         };
         for c in children {
-            tx.execute(
+            tx.run(
                 "UPDATE tasks SET state = 'cancelled', finished_at_ms = ?2, error = ?3 \
                  WHERE id = ?1",
                 params![
@@ -711,8 +717,35 @@ fn cancel_dependents(tx: &Connection, id: i64, what: &str, now_ms: u64) -> Resul
     Ok(())
 }
 
+/// Statements through the connection's cache: each is parsed once, not once a task
+/// (parsing them anew held the 10,000-task benchmark at 1,880 tasks/s, not 2,200).
+trait Cached {
+    fn run(&self, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize>;
+    fn one<T>(
+        &self,
+        sql: &str,
+        p: impl rusqlite::Params,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn run(&self, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(p)
+    }
+
+    fn one<T>(
+        &self,
+        sql: &str,
+        p: impl rusqlite::Params,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(p, f)
+    }
+}
+
 fn store_life(tx: &Connection, id: i64, l: &Life) -> Result<(), StoreError> {
-    tx.execute(
+    tx.run(
         "UPDATE tasks SET state = ?2, attempts = ?3, max_attempts = ?4, not_before_ms = ?5, \
          worker = ?6, exit_code = ?7, error = ?8, started_at_ms = ?9, finished_at_ms = ?10, \
          budget = ?11 WHERE id = ?1",
