@@ -241,7 +241,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     (
         "queue_url",
-        "postgres://user:password@host/db: the task queue in PostgreSQL, shared by the clusters of several hosts (no TLS)",
+        "postgres://user:password@host/db: the task queue in PostgreSQL, shared by the clusters of several hosts; ?sslmode=verify-full[&sslrootcert=CA.pem] for TLS",
     ),
     (
         "queue_host",

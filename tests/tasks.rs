@@ -695,3 +695,77 @@ fn a_full_or_locked_database_fails_submits_by_name_and_recovers_by_itself() {
     assert_eq!(task(&c, first)["state"], "succeeded");
     assert_eq!(task(&c, again)["state"], "succeeded");
 }
+
+/// The CA of the test server's certificate (`scripts/pg-tls-setup`); in CI always set.
+fn pg_ca() -> Option<String> {
+    match std::env::var("NEXUS_TEST_PG_CA") {
+        Ok(ca) => Some(ca),
+        Err(_) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI tests the queue's TLS: set NEXUS_TEST_PG_CA (scripts/pg-tls-setup)"
+            );
+            eprintln!("NEXUS_TEST_PG_CA is not set: the TLS test is skipped");
+            None
+        }
+    }
+}
+
+#[test]
+fn a_queue_over_tls_verifies_the_server_s_certificate() {
+    let Some(db) = pg::TempDb::create() else {
+        return;
+    };
+    let Some(ca) = pg_ca() else {
+        return;
+    };
+    // Trusting the server's CA: the queue works, and its connections are encrypted.
+    let url = format!("{}?sslmode=verify-full&sslrootcert={ca}", db.url);
+    let c = Cluster::new(&with_queue(CONFIG, &url));
+    c.start();
+    let id = submit(&c, &[r#"{"command": ["echo", "over TLS"]}"#, "--wait"]);
+    assert_eq!(task(&c, id)["result"], "over TLS");
+    let mut admin = postgres::Client::connect(&db.url, postgres::NoTls).unwrap();
+    let name = db.url.rsplit('/').next().unwrap().to_string();
+    let row = admin
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_activity a \
+             JOIN pg_stat_ssl s USING (pid) WHERE a.datname = $1 AND a.application_name = 'nexus'",
+            &[&name],
+        )
+        .unwrap();
+    let (encrypted, all): (i64, i64) = (row.get(0), row.get(1));
+    assert!(
+        all > 0 && encrypted == all,
+        "{encrypted} of {all} connections use TLS"
+    );
+    drop(c);
+    // Not trusting it (the system's roots only): refused by name, not spoken to in clear.
+    let c = Cluster::new(&with_queue(CONFIG, &format!("{}?sslmode=require", db.url)));
+    c.start();
+    let out = c.nexus(&["task", "submit", r#"{"command": ["true"]}"#]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("certificate") && err.contains("sslrootcert=FILE"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(":nexus@") && err.lines().count() == 1,
+        "{err}"
+    );
+    // A CA file that is not one: the config is refused as it loads.
+    let bad = c.path().join("not-a-ca.pem");
+    std::fs::write(&bad, "nothing\n").unwrap();
+    let c2 = Cluster::new(&with_queue(
+        CONFIG,
+        &format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            db.url,
+            bad.display()
+        ),
+    ));
+    let out = c2.nexus(&["start"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no PEM certificate"), "{}", text(&out));
+}

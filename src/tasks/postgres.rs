@@ -29,6 +29,7 @@ use postgres::{Client, GenericClient, NoTls, Row, Statement};
 
 use crate::tasks::backend::{Backend, Heartbeat, RunningTask, every_state};
 use crate::tasks::lifecycle::{Ending, Life, Refused, TaskState};
+use crate::tasks::pg_url;
 use crate::tasks::store::{
     AttemptRow, Durability, NewTask, Retry, StoreError, TaskRow, parse_result,
 };
@@ -134,9 +135,8 @@ fn db_err(e: postgres::Error) -> StoreError {
 /// Opens a connection, bounded in time: an unreachable server is an error within
 /// seconds, and a connection whose server vanished is found dead by the kernel.
 fn connect(url: &str) -> Result<Client, StoreError> {
-    let mut config: postgres::Config = url
-        .parse()
-        .map_err(|e| StoreError::Db(format!("`queue_url` is not a PostgreSQL URL: {e}")))?;
+    let target = pg_url::parse(url).map_err(StoreError::Db)?;
+    let mut config = target.config;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
@@ -146,9 +146,32 @@ fn connect(url: &str) -> Result<Client, StoreError> {
         .keepalives_idle(Duration::from_secs(5))
         .tcp_user_timeout(Duration::from_secs(10));
     let at = describe_url(url);
-    config
-        .connect(NoTls)
-        .map_err(|e| StoreError::Db(format!("PostgreSQL at {at}: {e}")))
+    let connected = match &target.tls {
+        Some(tls) => config.connect(tls.connector().map_err(StoreError::Db)?),
+        None => config.connect(NoTls),
+    };
+    connected.map_err(|e| {
+        StoreError::Db(pg_url::explain_tls_error(format!(
+            "PostgreSQL at {at}: {}",
+            with_causes(&e)
+        )))
+    })
+}
+
+/// An error and what caused it, in one line: "error performing TLS handshake" alone
+/// does not say that the certificate was refused.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    for _ in 0..8 {
+        let Some(c) = cause else { break };
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out = format!("{out}: {s}");
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// The URL without its password, for messages.
@@ -172,11 +195,9 @@ pub fn check_url(url: &str) -> Result<(), String> {
             describe_url(url)
         ));
     }
-    let config: postgres::Config = url
-        .parse()
-        .map_err(|e| format!("`queue_url` is not a PostgreSQL URL: {e}"))?;
-    if config.get_ssl_mode() == postgres::config::SslMode::Require {
-        return Err("`queue_url`: sslmode=require is not supported (this build speaks to PostgreSQL without TLS: keep it on loopback or a private network)".into());
+    // A CA file that cannot be read is found as the config loads, not at each reconnect.
+    if let Some(tls) = pg_url::parse(url)?.tls {
+        tls.connector()?;
     }
     Ok(())
 }
@@ -1035,10 +1056,11 @@ mod tests {
         );
         assert!(check_url("postgres://u@localhost/db").is_ok());
         assert!(check_url("mysql://x").unwrap_err().contains("postgres://"));
+        assert!(check_url("postgres://u@h/db?sslmode=require").is_ok());
         assert!(
-            check_url("postgres://u@h/db?sslmode=require")
+            check_url("postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent.pem")
                 .unwrap_err()
-                .contains("TLS")
+                .contains("/nonexistent.pem")
         );
     }
 }

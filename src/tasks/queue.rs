@@ -367,11 +367,11 @@ impl Queue {
             let store: Box<dyn Backend> = match &self.opts.shared {
                 Some(s) => Box::new(
                     PgStore::connect(&s.url, &s.host, s.lease.as_millis() as u64)
-                        .map_err(|e| e.to_string())?,
+                        .map_err(StoreError::into_message)?,
                 ),
                 None => Box::new(
                     Store::open_with(&dir.join("tasks.db"), Durability::Normal)
-                        .map_err(|e| e.to_string())?,
+                        .map_err(StoreError::into_message)?,
                 ),
             };
             Ok((lock, store))

@@ -158,6 +158,16 @@ pub enum StoreError {
     Refused(Refused),
 }
 
+impl StoreError {
+    /// What failed, for a message that already says it is the queue's database.
+    pub fn into_message(self) -> String {
+        match self {
+            StoreError::Db(m) => m,
+            other => other.to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
