@@ -516,6 +516,42 @@ fn a_task_s_whole_tree_dies_with_it_in_its_cgroup() {
 }
 
 #[test]
+fn stop_after_every_daemon_was_sigkilled_ends_the_tasks_and_their_cgroups() {
+    let c = Cluster::new(CONFIG);
+    c.start();
+    let pidfile = c.path().join("task.pid");
+    let spec = serde_json::json!({"command": ["sh", "-c",
+        format!("echo $$ > {}; exec sleep 300", pidfile.display())]});
+    let id = submit(&c, &[&spec.to_string()]);
+    wait_state(&c, id, "running", Duration::from_secs(10));
+    wait_until("the task's pid written", Duration::from_secs(10), || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let program: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let had_cgroup = !task_cgroups(c.path()).is_empty();
+    // nexus's own processes die, what they ran does not.
+    kill_daemons(c.path());
+    assert!(!gone(program), "the task's program died with its worker");
+    let out = c.nexus(&["stop"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("not running") && text(&out).contains("1 program processes"),
+        "{}",
+        text(&out)
+    );
+    wait_until("the task's program killed", Duration::from_secs(5), || {
+        gone(program)
+    });
+    if had_cgroup {
+        assert_eq!(task_cgroups(c.path()), Vec::<std::path::PathBuf>::new());
+    }
+}
+
+#[test]
 fn among_equally_full_workers_the_task_goes_to_the_one_using_less_cpu() {
     let c = Cluster::new(
         r#"{"workflows": 2, "interval_ms": 100, "timeout_ms": 1000, "stop_grace_ms": 1000,

@@ -62,7 +62,9 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
         members.insert(f.pid, f.slot);
     }
     if members.is_empty() {
-        let programs = sweep_programs(dir);
+        // Nothing of nexus runs (all SIGKILLed, say), but what it ran may: a service's
+        // program, a task's, and the tasks' cgroups their dead workers left.
+        let programs = sweep_leftovers(dir);
         dir.remove_sockets();
         let _ = std::fs::remove_file(&marker);
         if !quiet {
@@ -107,21 +109,7 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
             .map(|f| (f.pid, f.slot))
             .collect();
     }
-    // A program whose workflow had to be killed, or whose tree outlived its stop: nothing
-    // of a service survives ./stop.
-    let mut programs = sweep_programs(dir);
-    // Tasks' processes too (their workers stop them; this catches what escaped: by the
-    // queue's mark in their environment, and by the tasks' cgroups).
-    if let Ok(cfg) = crate::config::Config::load(&dir.config_file()) {
-        let state = cfg
-            .state_dir
-            .unwrap_or_else(|| crate::tasks::settings::default_state_dir(dir.path()));
-        programs += crate::tasks::queue::kill_all_tasks(&state);
-    }
-    let task_cgroups = crate::tasks::cgroups::sweep_cluster(&crate::services::state::dir_tag(dir));
-    if task_cgroups > 0 {
-        log::info!("removed {task_cgroups} task cgroups that their workers had left");
-    }
+    let programs = sweep_leftovers(dir);
     dir.remove_sockets();
     let _ = std::fs::remove_file(&marker);
     if !members.is_empty() {
@@ -150,6 +138,25 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
         );
     }
     Ok(())
+}
+
+/// Kills what the cluster ran and its daemons did not stop, and removes the tasks'
+/// cgroups: a program whose workflow had to be killed or whose tree outlived its stop (by
+/// the services' records), a task's (by the queue's mark in its environment). Returns
+/// how many processes it killed.
+fn sweep_leftovers(dir: &RuntimeDir) -> usize {
+    let mut programs = sweep_programs(dir);
+    if let Ok(cfg) = crate::config::Config::load(&dir.config_file()) {
+        let state = cfg
+            .state_dir
+            .unwrap_or_else(|| crate::tasks::settings::default_state_dir(dir.path()));
+        programs += crate::tasks::queue::kill_all_tasks(&state);
+    }
+    let task_cgroups = crate::tasks::cgroups::sweep_cluster(&crate::services::state::dir_tag(dir));
+    if task_cgroups > 0 {
+        log::info!("removed {task_cgroups} task cgroups that their workers had left");
+    }
+    programs
 }
 
 /// The order of a stop: the workflows hosting services first, dependents before what

@@ -299,7 +299,9 @@ pub fn marked(dir: &Path) -> Vec<i32> {
     out
 }
 
-fn kill_daemons(dir: &Path) {
+/// SIGKILLs every daemon of the cluster in `dir` at once (each stopped first, so none sees
+/// another die), and nothing they run.
+pub fn kill_daemons(dir: &Path) {
     for _ in 0..50 {
         let pids: Vec<i32> = daemons_of(dir).into_iter().map(|d| d.0).collect();
         if pids.is_empty() {
