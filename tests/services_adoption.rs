@@ -93,16 +93,26 @@ fn sigkill_and_sigstop_of_the_hosting_workflow_never_touch_the_program() {
     // untouched meanwhile (its pipe holds what it writes) and adopted after.
     let wf = c.pid_of("workflow", 1).unwrap();
     signal(wf, libc::SIGSTOP);
+    // Counted from the last line the stopped workflow wrote: the lines past it are the
+    // successor's, after its adoption (the earlier `n` is a second of lines old).
+    wait_until("the workflow stopped", T, || {
+        std::fs::read_to_string(format!("/proc/{wf}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('T')))
+    });
+    let n = check_lines(&c, "counter-1").get(&pid).map_or(n, |x| x.1);
     c.wait_replaced("workflow", 1, wf);
     assert_eq!(c.program_pid("counter-1"), Some(pid));
     wait_flowing(&c, pid, n + 100);
     no_service_restarts(&c);
-    let adopted = c
-        .service_events("counter", 1)
-        .iter()
-        .filter(|e| e["event"] == "adopted" && e["pid"] == pid)
-        .count();
-    assert_eq!(adopted, 4, "adopted once per workflow replaced");
+    // The adoption's ledger line can trail the new workflow's first reads of the pipe.
+    let adopted = || {
+        c.service_events("counter", 1)
+            .iter()
+            .filter(|e| e["event"] == "adopted" && e["pid"] == pid)
+            .count()
+    };
+    wait_until("the fourth adoption in the ledger", T, || adopted() >= 4);
+    assert_eq!(adopted(), 4, "adopted once per workflow replaced");
     let lines = check_lines(&c, "counter-1");
     assert_eq!(
         lines.keys().copied().collect::<Vec<_>>(),
