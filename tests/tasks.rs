@@ -539,7 +539,8 @@ fn stop_after_every_daemon_was_sigkilled_ends_the_tasks_and_their_cgroups() {
     let out = c.nexus(&["stop"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        text(&out).contains("not running") && text(&out).contains("1 program processes"),
+        text(&out).contains("not running")
+            && text(&out).contains("1 program process it had left was killed"),
         "{}",
         text(&out)
     );

@@ -70,8 +70,10 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
         if !quiet {
             if programs > 0 {
                 println!(
-                    "nexus is not running in {}; {programs} program processes it had left were killed",
-                    dir.display()
+                    "nexus is not running in {}; {} it had left {} killed",
+                    dir.display(),
+                    program_processes(programs),
+                    if programs == 1 { "was" } else { "were" }
                 );
             } else {
                 println!("nexus is not running in {}", dir.display());
@@ -128,7 +130,7 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
             String::new()
         };
         let programs = if programs > 0 {
-            format!(", {programs} leftover program processes killed")
+            format!(", {} left over killed", program_processes(programs))
         } else {
             String::new()
         };
@@ -138,6 +140,14 @@ pub fn stop_dir(dir: &RuntimeDir, grace_ms: u64, quiet: bool) -> Result<(), Stri
         );
     }
     Ok(())
+}
+
+fn program_processes(n: usize) -> String {
+    if n == 1 {
+        "1 program process".into()
+    } else {
+        format!("{n} program processes")
+    }
 }
 
 /// Kills what the cluster ran and its daemons did not stop, and removes the tasks'
