@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod counters;
 mod daemon;
+mod http;
 mod ledger;
 mod logfiles;
 mod notify;
@@ -57,6 +58,8 @@ Usage:
                                                       keeps one type (task_failed, respawned, ...)
   nexus task    submit|status|list|cancel|retry|wait|logs ...
                                                       the task queue: `nexus task help` says more
+  nexus api-key create|list|revoke ...                keys for the HTTP API (read or control scope):
+                                                      `nexus api-key help` says more
   nexus chaos   [--duration S] [--interval S] [--roles R,R] [--signal kill|stop|mixed] [--services]
                                                       kill random daemons (--services: and programs),
                                                       then check every failure was recovered exactly
@@ -132,6 +135,9 @@ fn dispatch(args: &[String]) -> Result<i32, Failure> {
     let mut common = Common::default();
     if cmd == "task" {
         return Ok(commands::task::run(&common, rest)?);
+    }
+    if cmd == "api-key" {
+        return Ok(commands::api_key::run(&common, rest)?);
     }
     let mut json = false;
     let mut follow = false;

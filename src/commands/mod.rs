@@ -4,6 +4,7 @@
 //! every daemon runs a little of, which put most of it in every daemon's resident set
 //! (see .cargo/config.toml).
 
+pub mod api_key;
 pub mod chaos;
 pub mod events;
 pub mod health;
