@@ -58,7 +58,7 @@ Usage:
                                                       keeps one type (task_failed, respawned, ...)
   nexus task    submit|status|list|cancel|retry|wait|logs ...
                                                       the task queue: `nexus task help` says more
-  nexus api-key create|list|revoke ...                keys for the HTTP API (read or control scope):
+  nexus api-key create|list|revoke|check ...          keys for the HTTP API (read or control scope):
                                                       `nexus api-key help` says more
   nexus chaos   [--duration S] [--interval S] [--roles R,R] [--signal kill|stop|mixed] [--services]
                                                       kill random daemons (--services: and programs),
