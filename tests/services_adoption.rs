@@ -95,16 +95,14 @@ fn sigkill_and_sigstop_of_the_hosting_workflow_never_touch_the_program() {
     signal(wf, libc::SIGSTOP);
     // Counted from the last line the stopped workflow wrote: the lines past it are the
     // successor's, after its adoption (the earlier `n` is a second of lines old).
-    wait_until("the workflow stopped", T, || {
-        std::fs::read_to_string(format!("/proc/{wf}/stat"))
-            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('T')))
-    });
+    wait_until("the workflow stopped", T, || proc_state(wf) == Some('T'));
     let n = check_lines(&c, "counter-1").get(&pid).map_or(n, |x| x.1);
     c.wait_replaced("workflow", 1, wf);
     assert_eq!(c.program_pid("counter-1"), Some(pid));
     wait_flowing(&c, pid, n + 100);
     no_service_restarts(&c);
-    // The adoption's ledger line can trail the new workflow's first reads of the pipe.
+    // Polled with a deadline rather than read once, so a slow machine reports which
+    // adoption is missing instead of a count taken too early.
     let adopted = || {
         c.service_events("counter", 1)
             .iter()

@@ -2,7 +2,6 @@
 //! cluster's state directory (beside its task queue, so they survive a reboot), and
 //! work with the cluster running or not.
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::Common;
@@ -11,6 +10,7 @@ use std::io::Read as _;
 
 use crate::http::keys::{Denied, KeyStore, Scope};
 use crate::ledger::{rfc3339, unix_ms_now};
+use crate::runtime_dir::LeaderLock;
 
 pub const USAGE: &str = "\
 Usage:
@@ -185,24 +185,11 @@ fn state_dir(common: &Common) -> Result<PathBuf, String> {
 }
 
 /// Held across a read, change and write of the key file, so that two `create`s at once
-/// both keep their key.
-fn lock(state: &Path) -> Result<std::fs::File, String> {
+/// both keep their key: the same exclusive flock as the master's lock (0600, close-on-exec,
+/// EINTR retried), on a file of its own.
+fn lock(state: &Path) -> Result<LeaderLock, String> {
     std::fs::create_dir_all(state)
         .map_err(|e| format!("cannot create the state directory {}: {e}", state.display()))?;
     let path = state.join("api-keys.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    // SAFETY: flock on an fd we own; released when the file is closed.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(format!(
-            "cannot lock {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(f)
+    LeaderLock::acquire_blocking(&path).map_err(|e| format!("cannot lock {}: {e}", path.display()))
 }
