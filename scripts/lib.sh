@@ -47,7 +47,7 @@ set_dir_or_temp() {
 # /tmp/ab. Only these pids are ever counted or killed, never anything by name: other
 # clusters, and a user's own, must not be touched.
 daemon_re() {
-    local role="${1:-(communicator|watchdog|workflow)}" id="${2:-[0-9]+}"
+    local role="${1:-(communicator|watchdog|workflow|http)}" id="${2:-[0-9]+}"
     printf '%s' "/nexus daemon --role $role --id $id --runtime-dir $dir_re\$"
 }
 # count_of [ROLE] [ID]: how many there are; pids_of [ROLE] [ID]: their pids, one a line.

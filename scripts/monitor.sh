@@ -45,6 +45,9 @@ fi
 n_comm=$(config_value communicators 2)
 n_dog=$(config_value watchdogs 3)
 n_wf=$(config_value workflows 5)
+# The http daemon runs when the config has an `http` section.
+n_http=0
+grep -q '"http"' "$DIR/config.json" 2>/dev/null && n_http=1
 
 # --- sockets --------------------------------------------------------------------------
 echo
@@ -68,7 +71,7 @@ done
 echo
 echo "processes of $DIR (pgrep) vs config.json:"
 total=0
-for spec in "communicator:$n_comm" "watchdog:$n_dog" "workflow:$n_wf"; do
+for spec in "communicator:$n_comm" "watchdog:$n_dog" "workflow:$n_wf" "http:$n_http"; do
     role=${spec%%:*} want=${spec##*:}
     n=$(count_of "$role")
     total=$((total + n))
@@ -79,7 +82,7 @@ for spec in "communicator:$n_comm" "watchdog:$n_dog" "workflow:$n_wf"; do
         bad
     fi
 done
-want=$((n_comm + n_dog + n_wf))
+want=$((n_comm + n_dog + n_wf + n_http))
 if ((total == want)); then
     printf '  %-14s %3d / %-3d ok\n' total "$total" "$want"
 else

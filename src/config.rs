@@ -16,23 +16,32 @@ use std::collections::BTreeMap;
 use crate::services::spec::{InstanceName, Problems, ServiceSpec};
 use crate::tasks::settings::{Action, WorkerSpec};
 
-/// The three kinds of daemon the universal binary can become.
+/// The kinds of daemon the universal binary can become.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Communicator,
     Watchdog,
     Workflow,
+    /// Serves the HTTP API and dashboard (only when `http.listen` is set): in a daemon of
+    /// its own, so no client can ever delay the master's loop.
+    Http,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Communicator, Role::Watchdog, Role::Workflow];
+    pub const ALL: [Role; 4] = [
+        Role::Communicator,
+        Role::Watchdog,
+        Role::Workflow,
+        Role::Http,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Communicator => "communicator",
             Role::Watchdog => "watchdog",
             Role::Workflow => "workflow",
+            Role::Http => "http",
         }
     }
 
@@ -125,6 +134,10 @@ pub struct Config {
     pub queue_host: Option<String>,
     /// A host that has not renewed its lease for this long is taken as dead.
     pub queue_lease_ms: u64,
+    /// The HTTP API and dashboard; None: off (the built-in default, so that clusters side
+    /// by side never collide on a port).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<crate::http::settings::HttpSettings>,
 }
 
 fn serialize_services<S: serde::Serializer>(v: &[ServiceSpec], s: S) -> Result<S::Ok, S::Error> {
@@ -162,6 +175,7 @@ impl Default for Config {
             queue_url: None,
             queue_host: None,
             queue_lease_ms: 10_000,
+            http: None,
         }
     }
 }
@@ -246,6 +260,10 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "queue_host",
         "this cluster's name in a shared queue (default hostname:runtime_dir); unique per cluster",
+    ),
+    (
+        "http",
+        "{\"listen\": \"127.0.0.1:9090\"}: the HTTP API and dashboard, in a daemon of their own; a non-loopback listen needs \"tls_cert\" and \"tls_key\" (PEM paths); \"hosts\": other host names it answers to",
     ),
     (
         "queue_lease_ms",
@@ -334,6 +352,8 @@ impl Config {
                 cfg.actions = crate::tasks::settings::parse_actions(value, &mut problems);
             } else if key == "workers" {
                 cfg.workers = crate::tasks::settings::parse_workers(value, &mut problems);
+            } else if key == "http" {
+                cfg.http = crate::http::settings::parse(value, &mut problems);
             } else if let Err(e) = cfg.set(key, value) {
                 problems.push(e.0);
             }
@@ -353,7 +373,7 @@ impl Config {
     pub fn parse_and_check(text: &str) -> Result<Config, ConfigError> {
         let cfg = Config::parse(text)?;
         let mut problems = Problems::default();
-        crate::services::spec::check_environment(&cfg.services, &mut problems);
+        cfg.check_environment(&mut problems);
         if problems.0.is_empty() {
             Ok(cfg)
         } else {
@@ -364,11 +384,18 @@ impl Config {
     pub fn load_and_check(path: &Path) -> Result<Config, ConfigError> {
         let cfg = Config::load(path)?;
         let mut problems = Problems::default();
-        crate::services::spec::check_environment(&cfg.services, &mut problems);
+        cfg.check_environment(&mut problems);
         if problems.0.is_empty() {
             Ok(cfg)
         } else {
             Err(ConfigError::from_problems(problems).within(path))
+        }
+    }
+
+    fn check_environment(&self, problems: &mut Problems) {
+        crate::services::spec::check_environment(&self.services, problems);
+        if let Some(h) = &self.http {
+            crate::http::settings::check_environment(h, problems);
         }
     }
 
@@ -497,14 +524,19 @@ impl Config {
             Role::Communicator => self.communicators,
             Role::Watchdog => self.watchdogs,
             Role::Workflow => self.workflows,
+            Role::Http => u32::from(self.http.is_some()),
         }
     }
 
     pub fn total(&self) -> usize {
-        (self.communicators + self.watchdogs + self.workflows) as usize
+        Role::ALL
+            .into_iter()
+            .map(|r| self.count_of(r) as usize)
+            .sum()
     }
 
-    /// Every slot of the cluster in a fixed order (communicators, watchdogs, workflows);
+    /// Every slot of the cluster in a fixed order (communicators, watchdogs, workflows,
+    /// the http daemon);
     /// `slot_index` maps a name back to its position.
     pub fn slots(&self) -> Vec<SlotName> {
         Role::ALL
@@ -521,6 +553,7 @@ impl Config {
             Role::Communicator => 0,
             Role::Watchdog => self.communicators,
             Role::Workflow => self.communicators + self.watchdogs,
+            Role::Http => self.communicators + self.watchdogs + self.workflows,
         };
         Some((base + name.id - 1) as usize)
     }

@@ -406,6 +406,7 @@ fn run_daemon(slot: SlotName, dir: RuntimeDir) -> i32 {
         Role::Communicator => roles::communicator::run(ctx),
         Role::Watchdog => roles::watchdog::run(ctx),
         Role::Workflow => roles::workflow::run(ctx),
+        Role::Http => roles::http::run(ctx),
     };
     match result {
         Ok(()) => 0,

@@ -85,6 +85,12 @@ pub fn judge(s: &Snapshot) -> (Verdict, Vec<String>) {
             degraded.push(format!("{slot} (pid {}) silent for {age:.1} s", d.pid));
         }
     }
+    if let Some(h) = s.http.as_ref().filter(|h| !h.serving) {
+        degraded.push(format!(
+            "the HTTP API is not serving: {}",
+            h.error.as_deref().unwrap_or("starting")
+        ));
+    }
     for r in &s.services {
         let name = format!("{}-{}", r.name, r.instance);
         let why = r
@@ -130,40 +136,59 @@ pub fn judge(s: &Snapshot) -> (Verdict, Vec<String>) {
     }
 }
 
+/// The verdict when no master answers: CRITICAL if daemons of the directory still run.
+pub fn assess_unreachable(dir: &crate::runtime_dir::RuntimeDir) -> (Verdict, Vec<String>) {
+    let orphans = if dir.exists() {
+        procscan::daemons_of(dir.path()).len()
+    } else {
+        0
+    };
+    if orphans > 0 {
+        (
+            Verdict::Critical,
+            vec![format!("no master answers but {orphans} daemons run")],
+        )
+    } else {
+        (
+            Verdict::NotRunning,
+            vec![format!("nothing runs in {}", dir.display())],
+        )
+    }
+}
+
+/// `health --json`, as the CLI prints it and the API serves it.
+pub fn report_json(
+    verdict: Verdict,
+    reasons: Vec<String>,
+    dir: &crate::runtime_dir::RuntimeDir,
+) -> String {
+    let r = Report {
+        health: verdict,
+        reasons,
+        runtime_dir: dir.display().to_string(),
+    };
+    // A struct of strings and an enum: serializing cannot fail.
+    serde_json::to_string_pretty(&r).expect("report serializes") + "\n"
+}
+
 #[inline(never)]
 pub fn run(common: &Common, json: bool) -> Result<i32, String> {
     let dir = common.runtime_dir()?;
     let (verdict, reasons) = match status::snapshot(&dir) {
         Ok(s) => judge(&s),
         Err(e) => {
-            let orphans = if dir.exists() {
-                procscan::daemons_of(dir.path()).len()
-            } else {
-                0
-            };
-            if orphans > 0 {
-                (
-                    Verdict::Critical,
-                    vec![format!("no master answers ({e}) but {orphans} daemons run")],
-                )
-            } else {
-                (
-                    Verdict::NotRunning,
-                    vec![format!("nothing runs in {}", dir.display())],
-                )
+            let (v, mut reasons) = assess_unreachable(&dir);
+            if v == Verdict::Critical {
+                reasons = vec![format!(
+                    "no master answers ({e}) but {} daemons run",
+                    procscan::daemons_of(dir.path()).len()
+                )];
             }
+            (v, reasons)
         }
     };
     if json {
-        let r = Report {
-            health: verdict,
-            reasons,
-            runtime_dir: dir.display().to_string(),
-        };
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
-        );
+        print!("{}", report_json(verdict, reasons, &dir));
     } else {
         println!("{}", verdict.word());
         for r in &reasons {

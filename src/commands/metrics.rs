@@ -13,19 +13,27 @@ use crate::protocol::SlotState;
 #[inline(never)]
 pub fn run(common: &Common) -> Result<i32, String> {
     let dir = common.runtime_dir()?;
-    match status::snapshot_with(&dir, true) {
-        Ok(s) => {
-            print!("{}", render(&s));
-            Ok(0)
-        }
-        Err(e) => {
-            // Still valid exposition: a scraper sees the cluster down rather than an error.
-            print!(
-                "# HELP nexus_up Whether a nexus master answers.\n# TYPE nexus_up gauge\nnexus_up 0\n"
-            );
+    let (text, err) = exposition(&dir);
+    print!("{text}");
+    match err {
+        None => Ok(0),
+        Some(e) => {
             eprintln!("nexus is not running in {} ({e})", dir.display());
             Ok(status::NOT_RUNNING)
         }
+    }
+}
+
+/// The exposition, and why the master did not answer if it did not: still valid text
+/// then, so a scraper sees the cluster down rather than an error.
+pub fn exposition(dir: &crate::runtime_dir::RuntimeDir) -> (String, Option<String>) {
+    match status::snapshot_with(dir, true) {
+        Ok(s) => (render(&s), None),
+        Err(e) => (
+            "# HELP nexus_up Whether a nexus master answers.\n# TYPE nexus_up gauge\nnexus_up 0\n"
+                .to_string(),
+            Some(e),
+        ),
     }
 }
 

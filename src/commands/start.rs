@@ -55,6 +55,7 @@ pub fn run(common: &Common, foreground: bool) -> Result<(), String> {
     // Leftovers of a crashed run are not a reason to refuse: nothing owns them. A fresh
     // start starts every service (a service stopped by the user before is started too).
     dir.remove_sockets();
+    crate::http::serving::remove(&dir);
     let _ = std::fs::remove_file(dir.stopping_marker());
     crate::services::state::reset(&dir);
     let mut cfg = cfg;
@@ -152,6 +153,9 @@ pub fn run(common: &Common, foreground: bool) -> Result<(), String> {
                 if !cfg.services.is_empty() {
                     println!("{}", super::service::summary(&dir, &cfg));
                 }
+                if cfg.http.is_some() {
+                    say_http(&dir);
+                }
                 if foreground {
                     return stay_in_foreground(&dir, &mut master, &cfg);
                 }
@@ -168,6 +172,27 @@ pub fn run(common: &Common, foreground: bool) -> Result<(), String> {
         last_missing.join(", "),
         dir.logs_dir().display()
     ))
+}
+
+/// Where the API is, and how to get in; or why it is not serving (the cluster is up all
+/// the same, DEGRADED until the port is free).
+fn say_http(dir: &RuntimeDir) {
+    match crate::http::serving::read(dir) {
+        Some(h) if h.serving => println!(
+            "HTTP API at {}/api/v1/ (a key: nexus api-key create --name NAME --scope control{})",
+            h.url,
+            if dir.path() == std::path::Path::new(crate::runtime_dir::DEFAULT_DIR) {
+                String::new()
+            } else {
+                format!(" --runtime-dir {}", dir.display())
+            }
+        ),
+        Some(h) => eprintln!(
+            "nexus: warning: the HTTP API is not serving: {}; the cluster runs without it (DEGRADED) and the port is tried again every 2 s",
+            h.error.as_deref().unwrap_or("unknown error")
+        ),
+        None => eprintln!("nexus: warning: the http daemon has not said whether it serves"),
+    }
 }
 
 fn last_line(path: &std::path::Path) -> String {

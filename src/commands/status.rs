@@ -68,6 +68,8 @@ pub struct Snapshot {
     pub services: Vec<super::services_view::ServiceRow>,
     /// The task queue: `available`, `error`, `counts` by state, `workers` with their load.
     pub tasks: Option<serde_json::Value>,
+    /// The HTTP API (when `http` is configured): its URL, and whether it serves or why not.
+    pub http: Option<crate::http::serving::Serving>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -109,6 +111,11 @@ pub fn snapshot_with(dir: &RuntimeDir, task_durations: bool) -> Result<Snapshot,
         .iter()
         .map(|m| row(m, &ages.by_pid, cfg.timeout_ms))
         .collect();
+    let http = cfg.http.as_ref().and_then(|_| {
+        // Only the running http daemon's word counts, not a predecessor's file.
+        let pid = daemons.iter().find(|d| d.role == Role::Http)?.pid;
+        crate::http::serving::read(dir).filter(|h| h.pid == pid && pid > 0)
+    });
     Ok(Snapshot {
         schema: 2,
         whole: daemons.iter().all(|r| r.state == SlotState::Running),
@@ -125,6 +132,7 @@ pub fn snapshot_with(dir: &RuntimeDir, task_durations: bool) -> Result<Snapshot,
         watchdogs: ages.per_watchdog,
         counters: report.counters,
         tasks: super::task::overview(dir, task_durations),
+        http,
     })
 }
 

@@ -116,6 +116,12 @@ pub fn scale(common: &Common, assignments: &[String]) -> Result<(), String> {
             Role::Communicator => cfg.communicators = n,
             Role::Watchdog => cfg.watchdogs = n,
             Role::Workflow => cfg.workflows = n,
+            Role::Http => {
+                return Err(
+                    "the http daemon is one or none: set or remove `http.listen` in the config and `nexus reload`"
+                        .into(),
+                );
+            }
         }
     }
     // The same validation as a config file gets: limits, and naming the key at fault.

@@ -219,6 +219,8 @@ impl StopOrder {
     fn phase_of(&self, pid: i32, slot: SlotName, master: Option<i32>) -> usize {
         let base = self.service_waits.len();
         match slot.role {
+            // The API goes first: nothing asks for a change while the rest stops.
+            Role::Http => 0,
             Role::Workflow => self.hosting.get(&slot.id).copied().unwrap_or(base),
             Role::Watchdog => base + 1,
             Role::Communicator if Some(pid) != master => base + 2,

@@ -1,5 +1,12 @@
-//! The HTTP API's pieces. So far its API keys: made, listed and revoked from the CLI, and
-//! checked against a request's `Authorization` header; the daemon that serves the API is
-//! built on them next.
+//! The HTTP API: its settings, keys, the checks on every request, the server and its
+//! routes. It runs in the `http` daemon only (roles::http); the CLI uses `keys` alone.
 
+pub mod guard;
+pub mod holder;
 pub mod keys;
+pub mod ledger_feed;
+pub mod routes;
+pub mod server;
+pub mod serving;
+pub mod settings;
+pub mod tls;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod http;
 pub mod pg;
 
 pub const NEXUS: &str = env!("CARGO_BIN_EXE_nexus");
@@ -37,23 +38,18 @@ impl Cluster {
         )
         .expect("chmod");
         let config = dir.path().join("test_config.json");
-        // The queue of each test cluster lives in its own directory, gone with it.
-        let config_json = match serde_json::from_str::<Value>(config_json) {
-            Ok(Value::Object(mut m)) if !m.contains_key("state_dir") => {
-                m.insert(
-                    "state_dir".into(),
-                    Value::String(dir.path().join("state").display().to_string()),
-                );
-                Value::Object(m).to_string()
-            }
-            _ => config_json.to_string(),
-        };
-        std::fs::write(&config, config_json).expect("write config");
+        std::fs::write(&config, with_state_dir(config_json, dir.path())).expect("write config");
         Cluster { dir, config }
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Replaces the config file (for a reload), the state directory kept in the cluster's.
+    pub fn set_config(&self, config_json: &str) {
+        std::fs::write(&self.config, with_state_dir(config_json, self.path()))
+            .expect("write config");
     }
 
     /// Runs `nexus ARGS --runtime-dir DIR` with a clean environment.
@@ -181,6 +177,20 @@ impl Cluster {
                 out.status.success() && self.daemons().len() == total
             },
         );
+    }
+}
+
+/// The queue of each test cluster lives in its own directory, gone with it.
+fn with_state_dir(config_json: &str, dir: &Path) -> String {
+    match serde_json::from_str::<Value>(config_json) {
+        Ok(Value::Object(mut m)) if !m.contains_key("state_dir") => {
+            m.insert(
+                "state_dir".into(),
+                Value::String(dir.join("state").display().to_string()),
+            );
+            Value::Object(m).to_string()
+        }
+        _ => config_json.to_string(),
     }
 }
 

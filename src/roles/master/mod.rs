@@ -263,7 +263,12 @@ impl Master {
             m.reconcile(ctx, &takeover, &history);
         }
         // Watchdogs first, so the others find their sockets when they first beat.
-        for role in [Role::Watchdog, Role::Communicator, Role::Workflow] {
+        for role in [
+            Role::Watchdog,
+            Role::Communicator,
+            Role::Workflow,
+            Role::Http,
+        ] {
             for i in 0..m.slots.len() {
                 if m.slots[i].name.role == role && m.slots[i].occupant.is_none() {
                     m.spawn_slot(ctx, poll, i);

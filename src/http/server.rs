@@ -1,0 +1,622 @@
+//! The HTTP server: accepting (bounded in connections, header size and idle time,
+//! optionally TLS), the checks every request passes (Host, Origin, key, rate of failed
+//! keys), and the handlers. Blocking work (asking the master, reading /proc) runs on a
+//! small blocking pool, so the loop that serves connections and sends heartbeats never
+//! waits on it.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{Full, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+
+use super::guard::{self, Hosts, KeyCache, Refusal};
+use super::ledger_feed::{self, Cursor, Item};
+use super::routes::{self, Route};
+use super::settings::HttpSettings;
+use crate::commands::{health, metrics, status};
+use crate::runtime_dir::RuntimeDir;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Connections served at once; one more is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Largest request head (request line and headers).
+const MAX_HEAD: usize = 16 * 1024;
+/// A client that sends no complete request head for this long is dropped (also between
+/// requests on a kept-alive connection).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TLS handshake must finish within this.
+const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+/// An SSE stream sends a comment this often, so proxies keep it open and a vanished
+/// client is noticed.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Failed keys from one address within a minute before it gets 429 for the rest of it.
+const MAX_FAILURES_PER_MINUTE: u32 = 20;
+
+pub struct Server {
+    dir: RuntimeDir,
+    hosts: Hosts,
+    keys: Mutex<KeyCache>,
+    snapshots: SnapshotCache,
+    feed: broadcast::Sender<Item>,
+    failures: Mutex<FailureLimiter>,
+    connections: AtomicUsize,
+    requests: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl Server {
+    pub fn new(
+        dir: RuntimeDir,
+        settings: &HttpSettings,
+        state_dir: std::path::PathBuf,
+        feed: broadcast::Sender<Item>,
+    ) -> Server {
+        Server {
+            snapshots: SnapshotCache::new(dir.clone()),
+            dir,
+            hosts: Hosts::new(settings),
+            keys: Mutex::new(KeyCache::new(state_dir)),
+            feed,
+            failures: Mutex::new(FailureLimiter::default()),
+            connections: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Accepts until the task is aborted.
+    pub async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) {
+        // Bounded by the daemon's life: each turn is one accepted connection.
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of fds or the like: back off instead of spinning.
+                    log::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            if self.connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                tokio::spawn(refuse_busy(stream));
+                continue;
+            }
+            self.connections.fetch_add(1, Ordering::Relaxed);
+            let srv = self.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                match tls {
+                    Some(acceptor) => {
+                        match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => srv.clone().serve(TokioIo::new(s), peer).await,
+                            Ok(Err(e)) => log::debug!("TLS handshake with {peer} failed: {e}"),
+                            Err(_) => log::debug!("TLS handshake with {peer} timed out"),
+                        }
+                    }
+                    None => srv.clone().serve(TokioIo::new(stream), peer).await,
+                }
+                srv.connections.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+    }
+
+    async fn serve<I>(self: Arc<Self>, io: I, peer: SocketAddr)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let srv = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let srv = srv.clone();
+            async move { Ok::<_, Infallible>(srv.handle(req, peer.ip()).await) }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .max_buf_size(MAX_HEAD)
+            .max_headers(64);
+        if let Err(e) = builder.serve_connection(io, svc).await {
+            log::debug!("connection from {peer}: {e}");
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let head = header_str(&req, header::HOST);
+        let origin = header_str(&req, header::ORIGIN);
+        if let Err(r) = guard::check_site(&self.hosts, head.as_deref(), origin.as_deref()) {
+            return self.refuse(r);
+        }
+        let route = routes::route(req.method().as_str(), req.uri().path());
+        if self.failures.lock().unwrap().blocked(peer, Instant::now()) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests with a wrong key from this address: wait a minute",
+            );
+        }
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let who = self.keys.lock().unwrap().authorize(auth, route.needs());
+        if let Err(r) = who {
+            if matches!(r, Refusal::Unauthenticated(_)) {
+                self.failures.lock().unwrap().record(peer, Instant::now());
+            }
+            return self.refuse(r);
+        }
+        let head_only = req.method() == hyper::Method::HEAD;
+        let mut resp = match route {
+            Route::Status => self.status().await,
+            Route::Health => self.health().await,
+            Route::Metrics => self.metrics().await,
+            Route::Events => self.events(&req),
+            Route::WrongMethod(allow) => {
+                let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here");
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+                r
+            }
+            Route::NotFound => error(StatusCode::NOT_FOUND, "no such path"),
+        };
+        if head_only {
+            *resp.body_mut() = empty();
+        }
+        resp
+    }
+
+    fn refuse(&self, r: Refusal) -> Response<Body> {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Refusal::Host => error(
+                StatusCode::BAD_REQUEST,
+                "the Host header does not name this server (add the name to `http.hosts`)",
+            ),
+            Refusal::Origin => error(StatusCode::FORBIDDEN, "cross-origin requests are refused"),
+            Refusal::Unauthenticated(why) => {
+                let mut r = error(StatusCode::UNAUTHORIZED, &why);
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"nexus\""),
+                );
+                r
+            }
+            Refusal::Forbidden(why) => error(StatusCode::FORBIDDEN, &why),
+        }
+    }
+
+    async fn status(&self) -> Response<Body> {
+        match &*self.snapshots.get().await {
+            Ok(c) => json_bytes(StatusCode::OK, c.status_json.clone()),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        }
+    }
+
+    async fn health(&self) -> Response<Body> {
+        let snap = self.snapshots.get().await;
+        let (verdict, reasons) = match &*snap {
+            Ok(c) => (c.verdict, c.reasons.clone()),
+            Err(_) => {
+                let dir = self.dir.clone();
+                blocking(move || health::assess_unreachable(&dir))
+                    .await
+                    .unwrap_or((health::Verdict::NotRunning, vec!["status failed".into()]))
+            }
+        };
+        let code = match verdict {
+            health::Verdict::Healthy | health::Verdict::Degraded => StatusCode::OK,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let body = health::report_json(verdict, reasons, &self.dir);
+        json_bytes(code, body.into())
+    }
+
+    async fn metrics(&self) -> Response<Body> {
+        let dir = self.dir.clone();
+        let mut text = blocking(move || metrics::exposition(&dir).0)
+            .await
+            .unwrap_or_default();
+        text.push_str(&self.own_metrics());
+        let mut r = Response::new(full(text.into_bytes()));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        secure(r)
+    }
+
+    fn own_metrics(&self) -> String {
+        format!(
+            "# HELP nexus_http_requests_total Requests the HTTP API has answered.\n# TYPE nexus_http_requests_total counter\nnexus_http_requests_total {}\n# HELP nexus_http_refused_total Requests refused (Host, Origin, key, scope, rate).\n# TYPE nexus_http_refused_total counter\nnexus_http_refused_total {}\n# HELP nexus_http_connections Connections open to the HTTP API.\n# TYPE nexus_http_connections gauge\nnexus_http_connections {}\n",
+            self.requests.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+            self.connections.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The ledger as Server-Sent Events: what follows `Last-Event-ID`, else the last `n`
+    /// (default 20), then every new event as it is written (unless `follow=0`).
+    fn events(&self, req: &Request<Incoming>) -> Response<Body> {
+        let q = Query::parse(req.uri().query());
+        let n = match q.number("n", 20, 100_000) {
+            Ok(n) => n,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+        };
+        let follow = match q.flag("follow", true) {
+            Ok(f) => f,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+        };
+        let resume = header_str(req, "last-event-id").and_then(|s| Cursor::parse(&s));
+        let event_type = q.get("event").map(str::to_string);
+        // Subscribed before the backlog is read, so nothing falls between the two.
+        let mut live = self.feed.subscribe();
+        let path = self.dir.events();
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        tokio::spawn(async move {
+            let (backlog, mut cursor) = match resume {
+                Some(c) => ledger_feed::read_since(&path, Some(c)),
+                None => ledger_feed::tail(&path, n as usize),
+            };
+            let wanted = |it: &Item| {
+                event_type
+                    .as_deref()
+                    .is_none_or(|t| event_type_of(&it.line) == Some(t))
+            };
+            if tx
+                .send(Bytes::from_static(b"retry: 1000\n\n"))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            for it in backlog.iter().filter(|it| wanted(it)) {
+                if tx.send(sse_frame(it)).await.is_err() {
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            // Bounded by the client: the loop ends when it goes away.
+            loop {
+                let got = tokio::time::timeout(KEEPALIVE, live.recv()).await;
+                let frames: Vec<Item> = match got {
+                    Err(_) => {
+                        if tx
+                            .send(Bytes::from_static(b": keepalive\n\n"))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok(Ok(it)) => vec![it],
+                    // Fell behind the broadcast: catch up from the file itself.
+                    Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                        let (items, _) = ledger_feed::read_since(&path, Some(cursor));
+                        items
+                    }
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return,
+                };
+                for it in frames {
+                    if ledger_feed::already_seen(&it, cursor) {
+                        continue;
+                    }
+                    cursor = it.at;
+                    if wanted(&it) && tx.send(sse_frame(&it)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(BoxBody::new(ChannelBody { rx }));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        secure(r)
+    }
+}
+
+fn event_type_of(line: &str) -> Option<&str> {
+    // The ledger's lines start {"ts":"…","event":"TYPE",…}: no JSON parse per event.
+    let rest = &line[line.find("\"event\":\"")? + 9..];
+    Some(&rest[..rest.find('"')?])
+}
+
+fn sse_frame(it: &Item) -> Bytes {
+    Bytes::from(format!(
+        "id: {}\nevent: ledger\ndata: {}\n\n",
+        it.at.id(),
+        it.line
+    ))
+}
+
+/// Over the connection limit: a short 503, then close.
+async fn refuse_busy(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = "{\"error\":\"too many connections: retry later\"}\n";
+    let msg = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(msg.as_bytes())).await;
+}
+
+/// Runs blocking work on the pool; None if it panicked.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
+fn header_str<B>(req: &Request<B>, name: impl header::AsHeaderName) -> Option<String> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    BoxBody::new(Full::new(b.into()))
+}
+
+fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// Headers on every answer: nothing cached, sniffed, framed or sent as referrer.
+fn secure(mut r: Response<Body>) -> Response<Body> {
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'"),
+    );
+    r
+}
+
+fn json_bytes(code: StatusCode, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    secure(r)
+}
+
+pub fn error(code: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": message }).to_string() + "\n";
+    json_bytes(code, body.into())
+}
+
+/// An SSE body fed by the task that follows the ledger for this client.
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A query string's parameters; unknown ones are ignored, known ones checked.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Query {
+        Query(
+            q.unwrap_or("")
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .take(32)
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (k.to_string(), v.to_string())
+                })
+                .collect(),
+        )
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn number(&self, key: &str, default: u64, max: u64) -> Result<u64, String> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("`{key}` must be a whole number from 0 to {max}")),
+        }
+    }
+
+    fn flag(&self, key: &str, default: bool) -> Result<bool, String> {
+        match self.get(key) {
+            None => Ok(default),
+            Some("1" | "true" | "yes") => Ok(true),
+            Some("0" | "false" | "no") => Ok(false),
+            Some(_) => Err(format!("`{key}` must be 1 or 0")),
+        }
+    }
+}
+
+/// Counts failed keys per client address over a minute. Bounded: past 10,000
+/// addresses the table starts over (an attacker with that many addresses is not slowed by
+/// a table anyway). Pure apart from the clock it is given.
+#[derive(Default)]
+pub struct FailureLimiter {
+    by_addr: HashMap<IpAddr, (Instant, u32)>,
+}
+
+impl FailureLimiter {
+    pub fn record(&mut self, addr: IpAddr, now: Instant) {
+        if self.by_addr.len() >= 10_000 {
+            self.by_addr.clear();
+        }
+        let e = self.by_addr.entry(addr).or_insert((now, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(60) {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+    }
+
+    pub fn blocked(&mut self, addr: IpAddr, now: Instant) -> bool {
+        match self.by_addr.get(&addr) {
+            Some(&(since, n)) if now.duration_since(since) < Duration::from_secs(60) => {
+                n >= MAX_FAILURES_PER_MINUTE
+            }
+            Some(_) => {
+                self.by_addr.remove(&addr);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// What one status snapshot gives the handlers, made once for many requests.
+pub struct Cached {
+    status_json: Bytes,
+    verdict: health::Verdict,
+    reasons: Vec<String>,
+}
+
+/// One status answer, shared by every request it serves.
+type Shared = Arc<Result<Cached, String>>;
+
+/// Asks the master at most once at a time. A request takes the answer to a question
+/// asked after it arrived, or asks itself: never stale, and a flood of clients costs the
+/// master one status request after another rather than fifty at once.
+pub struct SnapshotCache {
+    dir: RuntimeDir,
+    /// When the last question was asked, and its answer.
+    last: tokio::sync::Mutex<Option<(Instant, Shared)>>,
+}
+
+impl SnapshotCache {
+    fn new(dir: RuntimeDir) -> SnapshotCache {
+        SnapshotCache {
+            dir,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub async fn get(&self) -> Shared {
+        let asked = Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some((started, v)) = &*last
+            && *started >= asked
+        {
+            return v.clone();
+        }
+        let started = Instant::now();
+        let dir = self.dir.clone();
+        let v = blocking(move || {
+            let snap = status::snapshot(&dir)
+                .map_err(|e| format!("nexus is not running in {} ({e})", dir.display()))?;
+            let (verdict, reasons) = health::judge(&snap);
+            let status_json = serde_json::to_vec(&snap).map_err(|e| e.to_string())?;
+            Ok(Cached {
+                status_json: status_json.into(),
+                verdict,
+                reasons,
+            })
+        })
+        .await
+        .unwrap_or_else(|| Err("the status task failed".into()));
+        let v = Arc::new(v);
+        *last = Some((started, v.clone()));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_keys_are_limited_per_address_for_a_minute() {
+        let mut l = FailureLimiter::default();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..MAX_FAILURES_PER_MINUTE {
+            assert!(!l.blocked(a, t0));
+            l.record(a, t0);
+        }
+        assert!(l.blocked(a, t0 + Duration::from_secs(30)));
+        assert!(!l.blocked(b, t0), "others are not affected");
+        assert!(
+            !l.blocked(a, t0 + Duration::from_secs(61)),
+            "a minute later"
+        );
+    }
+
+    #[test]
+    fn query_parameters_are_checked() {
+        let q = Query::parse(Some("n=5&follow=0&x"));
+        assert_eq!(q.number("n", 20, 100), Ok(5));
+        assert_eq!(q.flag("follow", true), Ok(false));
+        assert_eq!(q.number("m", 20, 100), Ok(20));
+        assert!(Query::parse(Some("n=-1")).number("n", 1, 9).is_err());
+        assert!(Query::parse(Some("n=99")).number("n", 1, 9).is_err());
+        assert!(
+            Query::parse(Some("follow=maybe"))
+                .flag("follow", true)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn event_types_are_read_without_parsing() {
+        assert_eq!(
+            event_type_of(r#"{"ts":"x","event":"respawned","pid":1}"#),
+            Some("respawned")
+        );
+        assert_eq!(event_type_of("garbage"), None);
+    }
+}
