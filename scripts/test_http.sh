@@ -57,6 +57,9 @@ fi
 
 c=$(code "$url/api/v1/status")
 if [[ "$c" == 401 ]]; then pass "no key: 401"; else fail "no key: $c"; fi
+if curl -s --max-time 5 "$url/" | grep -q '<title>nexus</title>'; then pass "GET /: the dashboard's page (its login needs no key)"; else fail "GET / did not give the dashboard"; fi
+n=$("$bin" --api "$url" --api-key "$viewer" status --json | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["daemons"]))' || echo 0)
+if ((n == 11)); then pass "nexus --api $url status --json: 11 daemons, as locally"; else fail "nexus --api status: $n daemons"; fi
 c=$(code -H "Authorization: Bearer nxk_$(printf '0%.0s' {1..64})" "$url/api/v1/status")
 if [[ "$c" == 401 ]]; then pass "a wrong key: 401"; else fail "a wrong key: $c"; fi
 c=$(code "${auth[@]}" -H "Host: rebind.example" "$url/api/v1/status")

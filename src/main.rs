@@ -64,6 +64,10 @@ Usage:
                                                       kill random daemons (--services: and programs),
                                                       then check every failure was recovered exactly
                                                       once and no line was lost (exit 1 if not)
+  nexus --api URL --api-key-file FILE VERB ...         drive a cluster over its HTTP API: status, health,
+                                                      events, logs, metrics, pid, service, restart, scale,
+                                                      reload --config PATH, task (NEXUS_API, NEXUS_API_KEY;
+                                                      NEXUS_API_CA for a self-signed server's CA)
   nexus help config                                   every config key
   nexus daemon --role ROLE --id N --runtime-dir DIR   (internal: how the master starts each daemon)
 
@@ -127,7 +131,62 @@ impl<'a> Args<'a> {
     }
 }
 
+/// `--api URL` with `--api-key KEY` or `--api-key-file FILE` (else NEXUS_API and
+/// NEXUS_API_KEY): the command goes to a cluster's HTTP API instead of this machine's
+/// sockets. Taken out of the arguments wherever they stand.
+fn remote_api(args: &mut Vec<String>) -> Result<Option<http::client::Api>, Failure> {
+    let mut url = std::env::var("NEXUS_API").ok().filter(|u| !u.is_empty());
+    let mut key = std::env::var("NEXUS_API_KEY").ok();
+    let mut i = 0;
+    // Bounded: each turn consumes an argument.
+    while i < args.len() {
+        let take = |args: &mut Vec<String>, i: usize| -> Result<String, Failure> {
+            if i + 1 >= args.len() {
+                return Err(Failure::Usage(format!("{} needs a value", args[i])));
+            }
+            let v = args.remove(i + 1);
+            args.remove(i);
+            Ok(v)
+        };
+        match args[i].as_str() {
+            "--api" => url = Some(take(args, i)?),
+            "--api-key" => key = Some(take(args, i)?),
+            "--api-key-file" => {
+                let path = take(args, i)?;
+                key = Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| Failure::Error(format!("--api-key-file {path}: {e}")))?,
+                );
+            }
+            // A task's JSON and whatever follows it are the command's own.
+            "submit" => break,
+            _ => i += 1,
+        }
+    }
+    let Some(url) = url else {
+        return Ok(None);
+    };
+    let key = key.ok_or_else(|| {
+        Failure::Usage(
+            "--api needs a key: --api-key-file FILE, NEXUS_API_KEY, or --api-key KEY".into(),
+        )
+    })?;
+    let ca = std::env::var_os("NEXUS_API_CA").map(PathBuf::from);
+    Ok(Some(http::client::Api::new(&url, &key, ca)?))
+}
+
 fn dispatch(args: &[String]) -> Result<i32, Failure> {
+    if args.first().map(String::as_str) != Some("daemon") {
+        let mut args = args.to_vec();
+        if let Some(api) = remote_api(&mut args)? {
+            return Ok(commands::remote::run(&api, &args)?);
+        }
+        return dispatch_local(&args);
+    }
+    dispatch_local(args)
+}
+
+fn dispatch_local(args: &[String]) -> Result<i32, Failure> {
     let Some((cmd, rest)) = args.split_first() else {
         print!("{USAGE}");
         return Ok(2);

@@ -29,7 +29,7 @@ fn started(port: u16) -> Cluster {
     let out = c.start();
     let said = text(&out);
     assert!(
-        said.contains(&format!("http://127.0.0.1:{port}/api/v1/"))
+        said.contains(&format!("API and dashboard at http://127.0.0.1:{port}/ "))
             && said.contains("api-key create"),
         "start names the URL and how to get a key: {said}"
     );
@@ -488,7 +488,7 @@ fn a_non_loopback_listen_needs_tls_and_serves_it() {
     .unwrap();
     let out = c.start();
     assert!(
-        text(&out).contains(&format!("https://127.0.0.1:{port}/api/v1/")),
+        text(&out).contains(&format!("https://127.0.0.1:{port}/ ")),
         "{}",
         text(&out)
     );

@@ -64,7 +64,7 @@ pub fn run(common: &Common, opts: &Options) -> Result<(), String> {
     }
 }
 
-fn print_line(line: &str, json: bool) {
+pub fn print_line(line: &str, json: bool) {
     if json {
         println!("{line}");
         return;

@@ -18,7 +18,7 @@ use crate::config::Role;
 use crate::procscan;
 use crate::protocol::SlotState;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Verdict {
     Healthy,
@@ -38,7 +38,7 @@ impl Verdict {
         }
     }
 
-    fn word(self) -> &'static str {
+    pub fn word(self) -> &'static str {
         match self {
             Verdict::Healthy => "HEALTHY",
             Verdict::Degraded => "DEGRADED",
@@ -48,11 +48,11 @@ impl Verdict {
     }
 }
 
-#[derive(Serialize)]
-struct Report {
-    health: Verdict,
-    reasons: Vec<String>,
-    runtime_dir: String,
+#[derive(Serialize, serde::Deserialize)]
+pub struct Report {
+    pub health: Verdict,
+    pub reasons: Vec<String>,
+    pub runtime_dir: String,
 }
 
 /// The verdict for a snapshot of a cluster whose master answers.

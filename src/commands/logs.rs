@@ -12,14 +12,38 @@ use std::time::Duration;
 use super::Common;
 use crate::config::{Config, SlotName};
 use crate::logfiles;
+use crate::runtime_dir::RuntimeDir;
 
 #[inline(never)]
 pub fn run(common: &Common, which: Option<&str>, last: usize, follow: bool) -> Result<(), String> {
     let dir = common.runtime_dir()?;
+    let files = resolve(&dir, which)?;
+    let (lines, mut pos) = tail(&dir, &files, last);
+    for l in &lines {
+        println!("{l}");
+    }
+    if follow {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        // Polls every 200 ms; ends with Ctrl-C. Bounded: a week of polls.
+        for _ in 0..3_024_000 {
+            std::thread::sleep(Duration::from_millis(200));
+            let new = poll(&files, &mut pos);
+            if !new.is_empty() {
+                print!("{new}");
+                let _ = std::io::stdout().flush();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The log files a name stands for: a daemon's (`workflow-3`), a service's instances
+/// (`web`), one instance's (`web-2`), or with no name every log. Only names of the
+/// running config resolve, so a request can never name a path of its own.
+pub fn resolve(dir: &RuntimeDir, which: Option<&str>) -> Result<Vec<PathBuf>, String> {
     let logs = dir.logs_dir();
-    let keep =
-        Config::load(&dir.config_file()).map_or(Config::default().log_files, |c| c.log_files);
-    let files: Vec<PathBuf> = match which {
+    match which {
         Some(name) => {
             let paths = match SlotName::parse(name) {
                 Some(slot) => vec![dir.log_file(slot)],
@@ -31,7 +55,7 @@ pub fn run(common: &Common, which: Option<&str>, last: usize, follow: bool) -> R
                     })?;
                     names
                         .iter()
-                        .map(|n| crate::services::state::log_path(&dir, n))
+                        .map(|n| crate::services::state::log_path(dir, n))
                         .collect()
                 }
             };
@@ -43,7 +67,7 @@ pub fn run(common: &Common, which: Option<&str>, last: usize, follow: bool) -> R
                     known(&logs).join(", ")
                 ));
             }
-            paths
+            Ok(paths)
         }
         None => {
             let mut all: Vec<PathBuf> = known(&logs)
@@ -54,12 +78,21 @@ pub fn run(common: &Common, which: Option<&str>, last: usize, follow: bool) -> R
             if all.is_empty() {
                 return Err(format!("no logs in {}", logs.display()));
             }
-            all
+            Ok(all)
         }
-    };
+    }
+}
+
+/// Where each followed file is: its inode and the offset after its last whole line.
+pub type Positions = BTreeMap<PathBuf, (u64, u64)>;
+
+/// The last `last` lines of the files merged by time, and where following goes on.
+pub fn tail(dir: &RuntimeDir, files: &[PathBuf], last: usize) -> (Vec<String>, Positions) {
+    let keep =
+        Config::load(&dir.config_file()).map_or(Config::default().log_files, |c| c.log_files);
     // Where each file ends now: the tail is read up to there and following starts there,
     // so a line written meanwhile is shown exactly once, not lost between the two.
-    let ends: BTreeMap<PathBuf, (u64, u64)> = files
+    let ends: Positions = files
         .iter()
         .filter_map(|f| {
             std::fs::metadata(f)
@@ -76,15 +109,8 @@ pub fn run(common: &Common, which: Option<&str>, last: usize, follow: bool) -> R
         })
         .collect();
     lines.sort();
-    for l in &lines[lines.len().saturating_sub(last)..] {
-        println!("{l}");
-    }
-    if follow {
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        follow_files(&files, ends);
-    }
-    Ok(())
+    let lines = lines.split_off(lines.len().saturating_sub(last));
+    (lines, ends)
 }
 
 fn known(logs: &Path) -> Vec<String> {
@@ -149,40 +175,36 @@ fn read_tail(path: &Path, end: u64, max: u64) -> String {
     }
 }
 
-/// Polls the files every 200 ms from where they ended (`pos`: inode and offset); a
-/// changed inode means the log was rotated: read the new file from its start. Ends with
-/// Ctrl-C.
-fn follow_files(files: &[PathBuf], mut pos: BTreeMap<PathBuf, (u64, u64)>) {
-    loop {
-        std::thread::sleep(Duration::from_millis(200));
-        for f in files {
-            let Ok(meta) = std::fs::metadata(f) else {
-                continue;
-            };
-            let (ino, offset) = pos.get(f).copied().unwrap_or((meta.ino(), 0));
-            let offset = if ino != meta.ino() || meta.len() < offset {
-                0
-            } else {
-                offset
-            };
-            if meta.len() == offset {
-                pos.insert(f.clone(), (meta.ino(), offset));
-                continue;
-            }
-            let Ok(mut file) = File::open(f) else {
-                continue;
-            };
-            if file.seek(SeekFrom::Start(offset)).is_err() {
-                continue;
-            }
-            let mut chunk = Vec::new();
-            let _ = file.read_to_end(&mut chunk);
-            // Print whole lines only; a partial last line waits for the next poll.
-            let upto = chunk.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            print!("{}", String::from_utf8_lossy(&chunk[..upto]));
-            pos.insert(f.clone(), (meta.ino(), offset + upto as u64));
+/// The whole lines written to the files since `pos` (a changed inode means the log was
+/// rotated: the new file is read from its start); a partial last line waits.
+pub fn poll(files: &[PathBuf], pos: &mut Positions) -> String {
+    let mut out = String::new();
+    for f in files {
+        let Ok(meta) = std::fs::metadata(f) else {
+            continue;
+        };
+        let (ino, offset) = pos.get(f).copied().unwrap_or((meta.ino(), 0));
+        let offset = if ino != meta.ino() || meta.len() < offset {
+            0
+        } else {
+            offset
+        };
+        if meta.len() == offset {
+            pos.insert(f.clone(), (meta.ino(), offset));
+            continue;
         }
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
+        let Ok(mut file) = File::open(f) else {
+            continue;
+        };
+        if file.seek(SeekFrom::Start(offset)).is_err() {
+            continue;
+        }
+        let mut chunk = Vec::new();
+        // At most 4 MB a poll: a burst is read over several.
+        let _ = (&mut file).take(4 << 20).read_to_end(&mut chunk);
+        let upto = chunk.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        out.push_str(&String::from_utf8_lossy(&chunk[..upto]));
+        pos.insert(f.clone(), (meta.ino(), offset + upto as u64));
     }
+    out
 }

@@ -10,6 +10,7 @@ pub mod events;
 pub mod health;
 pub mod logs;
 pub mod metrics;
+pub mod remote;
 pub mod service;
 pub mod services_view;
 pub mod start;

@@ -14,7 +14,7 @@ use crate::services::probes::ProbeStats;
 use crate::services::state::{self, Desired, Record};
 use crate::services::tree::{self, Identity};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct LastExitView {
     pub code: Option<i32>,
     pub signal: Option<i32>,
@@ -22,7 +22,7 @@ pub struct LastExitView {
     pub unknown: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ServiceRow {
     pub name: String,
     pub instance: u32,
@@ -39,6 +39,8 @@ pub struct ServiceRow {
     pub last_cause: Option<String>,
     /// Of the whole tree, average since the program started.
     pub cpu_percent: Option<f64>,
+    /// CPU time of the program's tree so far, for rates between two snapshots.
+    pub cpu_seconds: Option<f64>,
     /// Of the whole tree.
     pub rss_kib: Option<u64>,
     pub processes: usize,
@@ -138,6 +140,7 @@ pub fn rows(dir: &RuntimeDir, cfg: &Config) -> Vec<ServiceRow> {
                 cpu_percent: uptime
                     .filter(|&u| u > 0.0)
                     .map(|u| (cpu_s / u * 1000.0).round() / 10.0),
+                cpu_seconds: (pid > 0).then(|| (cpu_s * 100.0).round() / 100.0),
                 rss_kib: (pid > 0)
                     .then(|| procs.iter().filter_map(|&p| procscan::rss_kib(p)).sum()),
                 processes: procs.len(),

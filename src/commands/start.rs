@@ -179,7 +179,7 @@ pub fn run(common: &Common, foreground: bool) -> Result<(), String> {
 fn say_http(dir: &RuntimeDir) {
     match crate::http::serving::read(dir) {
         Some(h) if h.serving => println!(
-            "HTTP API at {}/api/v1/ (a key: nexus api-key create --name NAME --scope control{})",
+            "API and dashboard at {}/ (a key: nexus api-key create --name NAME --scope control{})",
             h.url,
             if dir.path() == std::path::Path::new(crate::runtime_dir::DEFAULT_DIR) {
                 String::new()

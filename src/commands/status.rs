@@ -20,7 +20,7 @@ use crate::runtime_dir::RuntimeDir;
 pub const NOT_RUNNING: i32 = 3;
 
 /// One daemon slot as `status --json` reports it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Row {
     pub role: Role,
     pub id: u32,
@@ -32,6 +32,8 @@ pub struct Row {
     pub uptime_s: Option<f64>,
     /// Average CPU since the process started, percent of one core.
     pub cpu_percent: Option<f64>,
+    /// CPU time used so far (user + system), for rates between two snapshots.
+    pub cpu_seconds: Option<f64>,
     pub rss_kib: Option<u64>,
     /// Freshest heartbeat any watchdog heard from this pid (None: none yet; always None
     /// for the master, which is watched through the lock instead).
@@ -44,7 +46,7 @@ pub struct Row {
 }
 
 /// Everything `status`, `health` and `metrics` know about a running cluster.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub schema: u32,
     pub runtime_dir: String,
@@ -72,7 +74,7 @@ pub struct Snapshot {
     pub http: Option<crate::http::serving::Serving>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct WatchdogCounters {
     pub id: u32,
     pub received: u64,
@@ -183,7 +185,7 @@ fn watch_loop(dir: &RuntimeDir) -> Result<i32, String> {
     Ok(0)
 }
 
-fn colours_wanted() -> bool {
+pub fn colours_wanted() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
@@ -212,6 +214,9 @@ fn row(m: &Member, ages: &HashMap<(SlotName, i32), u64>, timeout_ms: u64) -> Row
         master: m.master,
         uptime_s: uptime.map(|u| (u * 10.0).round() / 10.0),
         cpu_percent: cpu,
+        cpu_seconds: live
+            .then(|| procscan::cpu_ticks(m.pid).map(|t| (t as f64 / hz * 100.0).round() / 100.0))
+            .flatten(),
         rss_kib: live.then(|| procscan::rss_kib(m.pid)).flatten(),
         // The master hears nothing itself; a slot's age is the freshest any watchdog saw.
         heartbeat_age_ms: ages.get(&(m.slot(), m.pid)).copied(),
@@ -291,7 +296,7 @@ fn heartbeat_ages(dir: &RuntimeDir, report: &StatusReport) -> Ages {
     out
 }
 
-fn render(s: &Snapshot, colour: bool) -> String {
+pub fn render(s: &Snapshot, colour: bool) -> String {
     use std::fmt::Write as _;
     let paint = |code: &str, text: &str| {
         if colour {

@@ -56,8 +56,14 @@ pub fn reload(common: &Common) -> Result<(), String> {
         .load_checked_config()
         .map_err(|e| format!("{e}; the running cluster is untouched"))?;
     let dir = RuntimeDir::resolve(common.runtime_dir.as_deref(), cfg.runtime_dir.as_deref());
-    let running = running_config(&dir)?;
-    let mut cfg = cfg;
+    let cfg = reloadable(&dir, cfg)?;
+    apply(&dir, &cfg)
+}
+
+/// A new config for the running cluster, with what cannot change while it runs checked
+/// (and the state directory kept when the new one does not name it).
+pub fn reloadable(dir: &RuntimeDir, mut cfg: Config) -> Result<Config, String> {
+    let running = running_config(dir)?;
     // The queue stays where it is: moving it under running workers would lose tasks.
     match (&cfg.state_dir, &running.state_dir) {
         (None, old) => cfg.state_dir = old.clone(),
@@ -78,18 +84,25 @@ pub fn reload(common: &Common) -> Result<(), String> {
     {
         return Err("`queue_url`, `queue_host` and `queue_lease_ms` cannot change while the cluster runs: stop it first; the running cluster is untouched".into());
     }
-    apply(&dir, &cfg)
+    Ok(cfg)
 }
 
 /// `scale workflow=8 watchdog=5 web=3`: the running config with new counts of daemons
 /// and of service instances.
 #[inline(never)]
 pub fn scale(common: &Common, assignments: &[String]) -> Result<(), String> {
+    let dir = common.runtime_dir()?;
+    let cfg = scaled(&dir, assignments)?;
+    apply(&dir, &cfg)
+}
+
+/// The running config with the counts of `assignments` (`workflow=8`, `web=3`), checked
+/// as a config file is.
+pub fn scaled(dir: &RuntimeDir, assignments: &[String]) -> Result<Config, String> {
     if assignments.is_empty() {
         return Err("scale needs at least one ROLE=COUNT, like workflow=8".into());
     }
-    let dir = common.runtime_dir()?;
-    let mut cfg = running_config(&dir)?;
+    let mut cfg = running_config(dir)?;
     for a in assignments {
         let (what, n) = a
             .split_once('=')
@@ -125,19 +138,22 @@ pub fn scale(common: &Common, assignments: &[String]) -> Result<(), String> {
         }
     }
     // The same validation as a config file gets: limits, and naming the key at fault.
-    let cfg = Config::parse(&cfg.to_json())
-        .map_err(|e| format!("{e}; the running cluster is untouched"))?;
-    apply(&dir, &cfg)
+    Config::parse(&cfg.to_json()).map_err(|e| format!("{e}; the running cluster is untouched"))
 }
 
-fn apply(dir: &RuntimeDir, cfg: &Config) -> Result<(), String> {
-    let t0 = Instant::now();
-    for line in ask(
+/// Hands the master a new config; the changes it set in motion, one line each.
+pub fn send_config(dir: &RuntimeDir, cfg: &Config) -> Result<Vec<String>, String> {
+    ask(
         dir,
         &Request::Reload {
             config: cfg.to_json(),
         },
-    )? {
+    )
+}
+
+fn apply(dir: &RuntimeDir, cfg: &Config) -> Result<(), String> {
+    let t0 = Instant::now();
+    for line in send_config(dir, cfg)? {
         println!("  {line}");
     }
     let grace = cfg

@@ -324,7 +324,7 @@ fn ask_once(
     }
 }
 
-fn ask(dir: &RuntimeDir, req: &ToQueue) -> Result<FromQueue, String> {
+pub fn ask(dir: &RuntimeDir, req: &ToQueue) -> Result<FromQueue, String> {
     ask_with(dir, req, Some(REQUEST_TIMEOUT))
 }
 
@@ -534,7 +534,7 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
-fn describe(t: &Value) -> String {
+pub fn describe(t: &Value) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = write!(
@@ -614,19 +614,25 @@ fn list(dir: &RuntimeDir, f: &Flags) -> Result<i32, String> {
         Err(e) if e.starts_with(NOT_RUNNING) => offline_list(dir, f)?,
         Err(e) => return Err(e),
     };
-    if f.json {
+    print_list(&tasks, next, f.state.as_deref(), f.json);
+    Ok(0)
+}
+
+/// A page of tasks as `task list` prints it: a table, or the JSON document.
+pub fn print_list(tasks: &[Value], next: Option<i64>, state: Option<&str>, json: bool) {
+    if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({"tasks": tasks, "next": next}))
                 .unwrap_or_default()
         );
-        return Ok(0);
+        return;
     }
     println!(
         "{:>6}  {:<10} {:>4} {:>8}  {:<12} WHAT",
         "ID", "STATE", "PRI", "ATTEMPTS", "WORKER"
     );
-    for t in &tasks {
+    for t in tasks {
         let what = t["error"]
             .as_str()
             .map(str::to_string)
@@ -645,12 +651,9 @@ fn list(dir: &RuntimeDir, f: &Flags) -> Result<i32, String> {
     if let Some(n) = next {
         println!(
             "(more: nexus task list --after {n}{})",
-            f.state
-                .as_ref()
-                .map_or(String::new(), |s| format!(" --state {s}"))
+            state.map_or(String::new(), |s| format!(" --state {s}"))
         );
     }
-    Ok(0)
 }
 
 fn offline_list(dir: &RuntimeDir, f: &Flags) -> Result<(Vec<Value>, Option<i64>), String> {
@@ -681,7 +684,7 @@ fn offline_list(dir: &RuntimeDir, f: &Flags) -> Result<(Vec<Value>, Option<i64>)
 }
 
 /// The exit code a finished task stands for.
-fn code_of(t: &Value) -> i32 {
+pub fn code_of(t: &Value) -> i32 {
     match (s(t, "state"), t["exit_code"].as_i64()) {
         ("succeeded", _) => 0,
         (_, Some(c)) if (1..=255).contains(&c) => c as i32,
@@ -694,8 +697,13 @@ fn wait(dir: &RuntimeDir, ids: &[i64], json: bool) -> Result<i32, String> {
         FromQueue::Finished { tasks } => tasks,
         other => return Err(unexpected(other)),
     };
+    Ok(report_finished(&tasks, json))
+}
+
+/// What `task wait` says of finished tasks; the exit code: the first failure's.
+pub fn report_finished(tasks: &[Value], json: bool) -> i32 {
     let mut code = 0;
-    for t in &tasks {
+    for t in tasks {
         if json {
             println!("{}", serde_json::to_string(t).unwrap_or_default());
         } else {
@@ -715,7 +723,7 @@ fn wait(dir: &RuntimeDir, ids: &[i64], json: bool) -> Result<i32, String> {
             code = code_of(t);
         }
     }
-    Ok(code)
+    code
 }
 
 fn logs(dir: &RuntimeDir, id: i64, follow: bool) -> Result<i32, String> {

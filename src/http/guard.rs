@@ -150,6 +150,26 @@ impl KeyCache {
     }
 }
 
+impl KeyCache {
+    /// The entry of a key presented alone (the login form); None: no such key.
+    pub fn identify(&mut self, key: &[u8]) -> Option<KeyEntry> {
+        self.refresh();
+        self.store.as_ref().ok()?.identify(key).cloned()
+    }
+
+    /// The key a session was made with, if it still exists (not revoked, not re-made).
+    pub fn session_key(&mut self, name: &str, created_at_ms: u64) -> Option<KeyEntry> {
+        self.refresh();
+        self.store
+            .as_ref()
+            .ok()?
+            .entries()
+            .iter()
+            .find(|e| e.name == name && e.created_at_ms == created_at_ms)
+            .cloned()
+    }
+}
+
 fn stamp(state_dir: &std::path::Path) -> Option<(u64, i64, i64, u64)> {
     let m = std::fs::metadata(KeyStore::path_in(state_dir)).ok()?;
     Some((m.ino(), m.mtime(), m.mtime_nsec(), m.size()))

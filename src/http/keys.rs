@@ -182,6 +182,14 @@ impl KeyStore {
         }
     }
 
+    /// The entry of a key presented alone (the dashboard's login form).
+    pub fn identify(&self, presented: &[u8]) -> Option<&KeyEntry> {
+        if presented.len() > MAX_PRESENTED {
+            return None;
+        }
+        self.find(presented)
+    }
+
     /// The entry whose hash is the presented key's: every entry compared, in constant time.
     fn find(&self, presented: &[u8]) -> Option<&KeyEntry> {
         let digest = hex(&sha256(presented));
@@ -247,7 +255,7 @@ fn sha256(data: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

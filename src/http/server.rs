@@ -21,10 +21,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 
 use super::guard::{self, Hosts, KeyCache, Refusal};
-use super::ledger_feed::{self, Cursor, Item};
+use super::keys::KeyEntry;
+use super::ledger_feed::Item;
 use super::routes::{self, Route};
+use super::session::{self, Sessions};
 use super::settings::HttpSettings;
-use crate::commands::{health, metrics, status};
+use crate::commands::{health, status};
 use crate::runtime_dir::RuntimeDir;
 
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -40,20 +42,34 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 /// An SSE stream sends a comment this often, so proxies keep it open and a vanished
 /// client is noticed.
-const KEEPALIVE: Duration = Duration::from_secs(15);
+pub(super) const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Failed keys from one address within a minute before it gets 429 for the rest of it.
 const MAX_FAILURES_PER_MINUTE: u32 = 20;
 
 pub struct Server {
-    dir: RuntimeDir,
+    pub(super) dir: RuntimeDir,
     hosts: Hosts,
-    keys: Mutex<KeyCache>,
-    snapshots: SnapshotCache,
-    feed: broadcast::Sender<Item>,
+    pub(super) keys: Mutex<KeyCache>,
+    /// None when the state directory's session secret is unusable: keys still work.
+    pub(super) sessions: Option<Sessions>,
+    /// Cookies get `Secure` on a TLS listener.
+    pub(super) tls: bool,
+    pub(super) snapshots: SnapshotCache,
+    pub(super) feed: broadcast::Sender<Item>,
+    /// The latest status as an SSE frame, for the dashboards' streams (`status=1`).
+    pub(super) status_frames: tokio::sync::watch::Sender<Bytes>,
+    /// Wakes the status ticker when the first such stream opens.
+    pub(super) status_wanted: tokio::sync::Notify,
     failures: Mutex<FailureLimiter>,
     connections: AtomicUsize,
     requests: AtomicU64,
     refused: AtomicU64,
+}
+
+/// Who a request comes from: the key, and the session cookie when it came by one.
+pub struct Caller {
+    pub entry: KeyEntry,
+    pub cookie: Option<String>,
 }
 
 impl Server {
@@ -63,16 +79,54 @@ impl Server {
         state_dir: std::path::PathBuf,
         feed: broadcast::Sender<Item>,
     ) -> Server {
+        let sessions = Sessions::load_or_create(&state_dir)
+            .map_err(|e| log::error!("dashboard logins are off: {e}"))
+            .ok();
         Server {
             snapshots: SnapshotCache::new(dir.clone()),
             dir,
             hosts: Hosts::new(settings),
             keys: Mutex::new(KeyCache::new(state_dir)),
+            sessions,
+            tls: settings.tls(),
             feed,
+            status_frames: tokio::sync::watch::Sender::new(Bytes::new()),
+            status_wanted: tokio::sync::Notify::new(),
             failures: Mutex::new(FailureLimiter::default()),
             connections: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes one status frame a second for every dashboard stream together (and one
+    /// right after each ledger event), while at least one is open; none otherwise.
+    pub async fn status_ticker(self: Arc<Self>) {
+        let mut live = self.feed.subscribe();
+        // Bounded by the daemon's life: each turn is one frame, or one wait for a viewer.
+        loop {
+            if self.status_frames.receiver_count() == 0 {
+                self.status_wanted.notified().await;
+                continue;
+            }
+            if let Ok(c) = &*self.snapshots.get().await {
+                let mut frame = Vec::with_capacity(c.status_json.len() + 32);
+                frame.extend_from_slice(b"event: status\ndata: ");
+                frame.extend_from_slice(&c.status_json);
+                frame.extend_from_slice(b"\n\n");
+                self.status_frames.send_replace(frame.into());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                r = live.recv() => {
+                    if matches!(r, Err(broadcast::error::RecvError::Closed)) {
+                        return;
+                    }
+                    // A burst of events (a respawn writes two or three) makes one frame.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    while live.try_recv().is_ok() {}
+                }
+            }
         }
     }
 
@@ -139,9 +193,9 @@ impl Server {
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let head = header_str(&req, header::HOST);
+        let host = header_str(&req, header::HOST);
         let origin = header_str(&req, header::ORIGIN);
-        if let Err(r) = guard::check_site(&self.hosts, head.as_deref(), origin.as_deref()) {
+        if let Err(r) = guard::check_site(&self.hosts, host.as_deref(), origin.as_deref()) {
             return self.refuse(r);
         }
         let route = routes::route(req.method().as_str(), req.uri().path());
@@ -152,23 +206,37 @@ impl Server {
                 "too many requests with a wrong key from this address: wait a minute",
             );
         }
-        let auth = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes());
-        let who = self.keys.lock().unwrap().authorize(auth, route.needs());
-        if let Err(r) = who {
-            if matches!(r, Refusal::Unauthenticated(_)) {
-                self.failures.lock().unwrap().record(peer, Instant::now());
+        let caller = match self.authenticate(&req, &route) {
+            Ok(c) => c,
+            Err(r) => {
+                if matches!(r, Refusal::Unauthenticated(_)) {
+                    self.failures.lock().unwrap().record(peer, Instant::now());
+                }
+                return self.refuse(r);
             }
-            return self.refuse(r);
-        }
+        };
         let head_only = req.method() == hyper::Method::HEAD;
         let mut resp = match route {
+            Route::Dashboard => self.dashboard(),
             Route::Status => self.status().await,
             Route::Health => self.health().await,
             Route::Metrics => self.metrics().await,
+            Route::OpenApi => self.openapi(),
             Route::Events => self.events(&req),
+            Route::Services => self.services(),
+            Route::Logs(name) => self.logs(&req, name).await,
+            Route::Session => self.session(caller.as_ref()),
+            Route::Login => self.login(req, peer).await,
+            Route::Logout => self.logout(),
+            Route::Service(name, action) => self.service(name, action).await,
+            Route::RestartDaemon(name) => self.restart_daemon(name).await,
+            Route::Scale => self.scale(req).await,
+            Route::Reload => self.reload(req).await,
+            Route::ListTasks => self.list_tasks(&req).await,
+            Route::SubmitTask => self.submit_task(req).await,
+            Route::Task(id) => self.task(id).await,
+            Route::CancelTask(id) => self.task_verb(id, true).await,
+            Route::RetryTask(id) => self.task_verb(id, false).await,
             Route::WrongMethod(allow) => {
                 let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here");
                 r.headers_mut()
@@ -183,7 +251,66 @@ impl Server {
         resp
     }
 
-    fn refuse(&self, r: Refusal) -> Response<Body> {
+    /// Who asks: a key in `Authorization`, else the dashboard's session cookie (with its
+    /// CSRF token for anything that changes something). None for the open routes.
+    fn authenticate<B>(&self, req: &Request<B>, route: &Route) -> Result<Option<Caller>, Refusal> {
+        let Some(needed) = route.needs() else {
+            return Ok(None);
+        };
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let cookie = header_str(req, header::COOKIE)
+            .and_then(|c| session::from_header(&c).map(str::to_string));
+        let (Some(cookie), None) = (cookie, auth) else {
+            let entry = self.keys.lock().unwrap().authorize(auth, needed)?;
+            return Ok(Some(Caller {
+                entry,
+                cookie: None,
+            }));
+        };
+        let Some(sessions) = &self.sessions else {
+            return Err(Refusal::Unauthenticated(
+                "sessions are unavailable (see the server's log)".into(),
+            ));
+        };
+        let claims = sessions.verify(&cookie, now_ms()).ok_or_else(|| {
+            Refusal::Unauthenticated(
+                "the session is not valid (expired or forged): log in again".into(),
+            )
+        })?;
+        let entry = self
+            .keys
+            .lock()
+            .unwrap()
+            .session_key(&claims.name, claims.created_at_ms)
+            .ok_or_else(|| {
+                Refusal::Unauthenticated(format!("key `{}` was revoked: log in again", claims.name))
+            })?;
+        if !entry.scope.allows(needed) {
+            return Err(Refusal::Forbidden(format!(
+                "key `{}` has scope {}; this needs {}",
+                entry.name,
+                entry.scope.as_str(),
+                needed.as_str()
+            )));
+        }
+        if route.changes() {
+            let token = header_str(req, session::CSRF_HEADER).unwrap_or_default();
+            if !sessions.csrf_ok(&cookie, &token) {
+                return Err(Refusal::Forbidden(
+                    "a missing or wrong CSRF token (X-CSRF-Token)".into(),
+                ));
+            }
+        }
+        Ok(Some(Caller {
+            entry,
+            cookie: Some(cookie),
+        }))
+    }
+
+    pub(super) fn refuse(&self, r: Refusal) -> Response<Body> {
         self.refused.fetch_add(1, Ordering::Relaxed);
         match r {
             Refusal::Host => error(
@@ -203,149 +330,34 @@ impl Server {
         }
     }
 
-    async fn status(&self) -> Response<Body> {
-        match &*self.snapshots.get().await {
-            Ok(c) => json_bytes(StatusCode::OK, c.status_json.clone()),
-            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
-        }
-    }
-
-    async fn health(&self) -> Response<Body> {
-        let snap = self.snapshots.get().await;
-        let (verdict, reasons) = match &*snap {
-            Ok(c) => (c.verdict, c.reasons.clone()),
-            Err(_) => {
-                let dir = self.dir.clone();
-                blocking(move || health::assess_unreachable(&dir))
-                    .await
-                    .unwrap_or((health::Verdict::NotRunning, vec!["status failed".into()]))
-            }
-        };
-        let code = match verdict {
-            health::Verdict::Healthy | health::Verdict::Degraded => StatusCode::OK,
-            _ => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        let body = health::report_json(verdict, reasons, &self.dir);
-        json_bytes(code, body.into())
-    }
-
-    async fn metrics(&self) -> Response<Body> {
-        let dir = self.dir.clone();
-        let mut text = blocking(move || metrics::exposition(&dir).0)
-            .await
-            .unwrap_or_default();
-        text.push_str(&self.own_metrics());
-        let mut r = Response::new(full(text.into_bytes()));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
-        secure(r)
-    }
-
-    fn own_metrics(&self) -> String {
+    pub(super) fn own_metrics(&self) -> String {
         format!(
-            "# HELP nexus_http_requests_total Requests the HTTP API has answered.\n# TYPE nexus_http_requests_total counter\nnexus_http_requests_total {}\n# HELP nexus_http_refused_total Requests refused (Host, Origin, key, scope, rate).\n# TYPE nexus_http_refused_total counter\nnexus_http_refused_total {}\n# HELP nexus_http_connections Connections open to the HTTP API.\n# TYPE nexus_http_connections gauge\nnexus_http_connections {}\n",
+            "# HELP nexus_http_requests_total Requests the HTTP API has answered.\n# TYPE nexus_http_requests_total counter\nnexus_http_requests_total {}\n# HELP nexus_http_refused_total Requests refused (Host, Origin, key, scope, CSRF, rate).\n# TYPE nexus_http_refused_total counter\nnexus_http_refused_total {}\n# HELP nexus_http_connections Connections open to the HTTP API.\n# TYPE nexus_http_connections gauge\nnexus_http_connections {}\n",
             self.requests.load(Ordering::Relaxed),
             self.refused.load(Ordering::Relaxed),
             self.connections.load(Ordering::Relaxed),
         )
     }
 
-    /// The ledger as Server-Sent Events: what follows `Last-Event-ID`, else the last `n`
-    /// (default 20), then every new event as it is written (unless `follow=0`).
-    fn events(&self, req: &Request<Incoming>) -> Response<Body> {
-        let q = Query::parse(req.uri().query());
-        let n = match q.number("n", 20, 100_000) {
-            Ok(n) => n,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &e),
-        };
-        let follow = match q.flag("follow", true) {
-            Ok(f) => f,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &e),
-        };
-        let resume = header_str(req, "last-event-id").and_then(|s| Cursor::parse(&s));
-        let event_type = q.get("event").map(str::to_string);
-        // Subscribed before the backlog is read, so nothing falls between the two.
-        let mut live = self.feed.subscribe();
-        let path = self.dir.events();
-        let (tx, rx) = mpsc::channel::<Bytes>(64);
-        tokio::spawn(async move {
-            let (backlog, mut cursor) = match resume {
-                Some(c) => ledger_feed::read_since(&path, Some(c)),
-                None => ledger_feed::tail(&path, n as usize),
-            };
-            let wanted = |it: &Item| {
-                event_type
-                    .as_deref()
-                    .is_none_or(|t| event_type_of(&it.line) == Some(t))
-            };
-            if tx
-                .send(Bytes::from_static(b"retry: 1000\n\n"))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            for it in backlog.iter().filter(|it| wanted(it)) {
-                if tx.send(sse_frame(it)).await.is_err() {
-                    return;
-                }
-            }
-            if !follow {
-                return;
-            }
-            // Bounded by the client: the loop ends when it goes away.
-            loop {
-                let got = tokio::time::timeout(KEEPALIVE, live.recv()).await;
-                let frames: Vec<Item> = match got {
-                    Err(_) => {
-                        if tx
-                            .send(Bytes::from_static(b": keepalive\n\n"))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        continue;
-                    }
-                    Ok(Ok(it)) => vec![it],
-                    // Fell behind the broadcast: catch up from the file itself.
-                    Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
-                        let (items, _) = ledger_feed::read_since(&path, Some(cursor));
-                        items
-                    }
-                    Ok(Err(broadcast::error::RecvError::Closed)) => return,
-                };
-                for it in frames {
-                    if ledger_feed::already_seen(&it, cursor) {
-                        continue;
-                    }
-                    cursor = it.at;
-                    if wanted(&it) && tx.send(sse_frame(&it)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        let mut r = Response::new(BoxBody::new(ChannelBody { rx }));
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-        secure(r)
+    /// A failed login counts against its address like a wrong key.
+    pub(super) fn record_failure(&self, peer: IpAddr) {
+        self.failures.lock().unwrap().record(peer, Instant::now());
     }
 }
 
-fn event_type_of(line: &str) -> Option<&str> {
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub(super) fn event_type_of(line: &str) -> Option<&str> {
     // The ledger's lines start {"ts":"…","event":"TYPE",…}: no JSON parse per event.
     let rest = &line[line.find("\"event\":\"")? + 9..];
     Some(&rest[..rest.find('"')?])
 }
 
-fn sse_frame(it: &Item) -> Bytes {
+pub(super) fn sse_frame(it: &Item) -> Bytes {
     Bytes::from(format!(
         "id: {}\nevent: ledger\ndata: {}\n\n",
         it.at.id(),
@@ -365,11 +377,13 @@ async fn refuse_busy(mut stream: tokio::net::TcpStream) {
 }
 
 /// Runs blocking work on the pool; None if it panicked.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
     tokio::task::spawn_blocking(f).await.ok()
 }
 
-fn header_str<B>(req: &Request<B>, name: impl header::AsHeaderName) -> Option<String> {
+pub(super) fn header_str<B>(req: &Request<B>, name: impl header::AsHeaderName) -> Option<String> {
     req.headers()
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -380,12 +394,12 @@ pub fn full(b: impl Into<Bytes>) -> Body {
     BoxBody::new(Full::new(b.into()))
 }
 
-fn empty() -> Body {
+pub(super) fn empty() -> Body {
     full(Bytes::new())
 }
 
 /// Headers on every answer: nothing cached, sniffed, framed or sent as referrer.
-fn secure(mut r: Response<Body>) -> Response<Body> {
+pub(super) fn secure(mut r: Response<Body>) -> Response<Body> {
     let h = r.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
@@ -404,7 +418,7 @@ fn secure(mut r: Response<Body>) -> Response<Body> {
     r
 }
 
-fn json_bytes(code: StatusCode, body: Bytes) -> Response<Body> {
+pub(super) fn json_bytes(code: StatusCode, body: Bytes) -> Response<Body> {
     let mut r = Response::new(full(body));
     *r.status_mut() = code;
     r.headers_mut().insert(
@@ -420,8 +434,8 @@ pub fn error(code: StatusCode, message: &str) -> Response<Body> {
 }
 
 /// An SSE body fed by the task that follows the ledger for this client.
-struct ChannelBody {
-    rx: mpsc::Receiver<Bytes>,
+pub(super) struct ChannelBody {
+    pub(super) rx: mpsc::Receiver<Bytes>,
 }
 
 impl hyper::body::Body for ChannelBody {
@@ -439,10 +453,10 @@ impl hyper::body::Body for ChannelBody {
 }
 
 /// A query string's parameters; unknown ones are ignored, known ones checked.
-struct Query(Vec<(String, String)>);
+pub(super) struct Query(Vec<(String, String)>);
 
 impl Query {
-    fn parse(q: Option<&str>) -> Query {
+    pub(super) fn parse(q: Option<&str>) -> Query {
         Query(
             q.unwrap_or("")
                 .split('&')
@@ -456,14 +470,14 @@ impl Query {
         )
     }
 
-    fn get(&self, key: &str) -> Option<&str> {
+    pub(super) fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
     }
 
-    fn number(&self, key: &str, default: u64, max: u64) -> Result<u64, String> {
+    pub(super) fn number(&self, key: &str, default: u64, max: u64) -> Result<u64, String> {
         match self.get(key) {
             None => Ok(default),
             Some(v) => v
@@ -474,7 +488,7 @@ impl Query {
         }
     }
 
-    fn flag(&self, key: &str, default: bool) -> Result<bool, String> {
+    pub(super) fn flag(&self, key: &str, default: bool) -> Result<bool, String> {
         match self.get(key) {
             None => Ok(default),
             Some("1" | "true" | "yes") => Ok(true),
@@ -520,13 +534,13 @@ impl FailureLimiter {
 
 /// What one status snapshot gives the handlers, made once for many requests.
 pub struct Cached {
-    status_json: Bytes,
-    verdict: health::Verdict,
-    reasons: Vec<String>,
+    pub status_json: Bytes,
+    pub verdict: health::Verdict,
+    pub reasons: Vec<String>,
 }
 
 /// One status answer, shared by every request it serves.
-type Shared = Arc<Result<Cached, String>>;
+pub type Shared = Arc<Result<Cached, String>>;
 
 /// Asks the master at most once at a time. A request takes the answer to a question
 /// asked after it arrived, or asks itself: never stale, and a flood of clients costs the

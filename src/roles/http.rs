@@ -44,6 +44,10 @@ pub fn run(ctx: DaemonCtx) -> Result<(), String> {
 struct Listening {
     settings: HttpSettings,
     task: Option<JoinHandle<()>>,
+    ticker: Option<JoinHandle<()>>,
+    /// The TLS files as they were when loaded: a renewed certificate at the same path is
+    /// picked up by the next reload.
+    tls_stamp: Vec<(i64, u64)>,
     /// The last error, logged once rather than every retry.
     error: Option<String>,
     retry_at: Instant,
@@ -67,6 +71,8 @@ async fn main_loop(mut ctx: DaemonCtx) -> Result<(), String> {
     let mut l = Listening {
         settings,
         task: None,
+        ticker: None,
+        tls_stamp: Vec::new(),
         error: None,
         retry_at: Instant::now(),
     };
@@ -102,8 +108,15 @@ async fn main_loop(mut ctx: DaemonCtx) -> Result<(), String> {
                 heart.mark_ready_told();
                 log = ctx.log();
                 let Some(new) = ctx.config.http.clone() else { break };
-                // Keys, hosts and TLS files may all have changed: a new server.
+                if new == l.settings && tls_stamp(&new) == l.tls_stamp {
+                    // A scale or a reload of something else: the streams open stay open.
+                    continue;
+                }
+                // Another address, hosts or TLS files: a new server.
                 if let Some(t) = l.task.take() {
+                    t.abort();
+                }
+                if let Some(t) = l.ticker.take() {
                     t.abort();
                 }
                 server = Arc::new(new_server(&ctx, &new, &feed));
@@ -160,12 +173,14 @@ async fn try_listen(ctx: &DaemonCtx, server: &Arc<Server>, l: &mut Listening) {
         serving: false,
         error: None,
     };
+    l.tls_stamp = tls_stamp(s);
     match bound {
         Ok((listener, tls)) => {
             log::info!("serving the API at {}", s.url());
             state.serving = true;
             l.error = None;
             l.task = Some(tokio::spawn(server.clone().accept_loop(listener, tls)));
+            l.ticker = Some(tokio::spawn(server.clone().status_ticker()));
         }
         Err(e) => {
             if l.error.as_ref() != Some(&e) {
@@ -180,6 +195,16 @@ async fn try_listen(ctx: &DaemonCtx, server: &Arc<Server>, l: &mut Listening) {
         }
     }
     serving::write(&ctx.dir, &state);
+}
+
+fn tls_stamp(s: &HttpSettings) -> Vec<(i64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    [&s.tls_cert, &s.tls_key]
+        .into_iter()
+        .flatten()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| (m.mtime(), m.size()))
+        .collect()
 }
 
 /// inotify's fd for tokio's reactor.
