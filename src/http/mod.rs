@@ -4,6 +4,8 @@
 
 pub mod client;
 pub mod control;
+#[cfg(test)]
+mod fuzz;
 pub mod guard;
 pub mod holder;
 pub mod keys;

@@ -87,6 +87,11 @@ impl Sessions {
         }
     }
 
+    #[cfg(test)]
+    pub(super) fn for_tests() -> Sessions {
+        Sessions::with_secret(b"a test secret, thirty-two bytes!")
+    }
+
     /// A cookie value for a login with key `e`, and its CSRF token.
     pub fn issue(&self, e: &KeyEntry, now_ms: u64) -> (String, String) {
         let mut nonce = [0u8; 12];
