@@ -18,10 +18,27 @@ use super::server::{
 use crate::commands::{health, logs, metrics};
 use crate::config::Config;
 
-/// The page at `/`: one file, its script and style inline, nothing from elsewhere.
-const DASHBOARD: &str = include_str!("dashboard.html");
-/// The API's description, checked by a validator in CI and against real answers in tests.
-const OPENAPI: &str = include_str!("openapi.json");
+/// The page at `/` (one file, its script and style inline, nothing from elsewhere) and the
+/// API's OpenAPI document (checked by a validator in CI and against real answers in the
+/// tests). They live in a section of their own, starting on a 64 kB boundary: beside the
+/// read-only data every daemon touches, the kernel's fault-around (64 kB windows) would map
+/// their first pages into daemons that never serve them.
+#[repr(C, align(65536))]
+struct Assets {
+    dashboard: [u8; include_bytes!("dashboard.html").len()],
+    openapi: [u8; include_bytes!("openapi.json").len()],
+}
+
+#[unsafe(link_section = "nexus_assets")]
+static ASSETS: Assets = Assets {
+    dashboard: *include_bytes!("dashboard.html"),
+    openapi: *include_bytes!("openapi.json"),
+};
+
+fn dashboard_page() -> &'static str {
+    // Checked by the tests: both files are UTF-8.
+    std::str::from_utf8(&ASSETS.dashboard).unwrap_or("")
+}
 
 /// The page's policy: its own script and style by their hashes, nothing inline besides,
 /// connections to this server only, no frames, no forms elsewhere.
@@ -29,7 +46,7 @@ fn dashboard_policy() -> &'static str {
     static POLICY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     POLICY.get_or_init(|| {
         let hash = |open: &str, close: &str| {
-            let body = DASHBOARD
+            let body = dashboard_page()
                 .split_once(open)
                 .and_then(|(_, rest)| rest.split_once(close))
                 .map_or("", |(b, _)| b);
@@ -50,7 +67,7 @@ fn dashboard_policy() -> &'static str {
 
 impl Server {
     pub(super) fn dashboard(&self) -> Response<Body> {
-        let mut r = Response::new(full(DASHBOARD));
+        let mut r = Response::new(full(dashboard_page()));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/html; charset=utf-8"),
@@ -63,7 +80,7 @@ impl Server {
     }
 
     pub(super) fn openapi(&self) -> Response<Body> {
-        json_bytes(StatusCode::OK, Bytes::from_static(OPENAPI.as_bytes()))
+        json_bytes(StatusCode::OK, Bytes::from_static(&ASSETS.openapi))
     }
 
     pub(super) fn session(&self, caller: Option<&Caller>) -> Response<Body> {
@@ -364,6 +381,12 @@ pub(super) fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::percent_decode;
+
+    #[test]
+    fn the_embedded_files_are_utf8() {
+        assert!(super::dashboard_page().contains("<html"));
+        assert!(std::str::from_utf8(&super::ASSETS.openapi).is_ok());
+    }
 
     #[test]
     fn query_values_are_decoded_and_malformed_escapes_kept() {

@@ -26,6 +26,10 @@ use crate::http::settings::HttpSettings;
 const BIND_RETRY: Duration = Duration::from_secs(2);
 
 pub fn run(ctx: DaemonCtx) -> Result<(), String> {
+    // glibc gives each thread that allocates an arena of its own; the blocking pool's few
+    // threads building status documents would each keep one's high-water mark resident.
+    // SAFETY: mallopt only tunes the allocator, before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -90,6 +94,8 @@ async fn main_loop(mut ctx: DaemonCtx) -> Result<(), String> {
             _ = tokio::time::sleep_until(wake.into()) => {
                 if heart.tick(Instant::now()).is_some() {
                     log.maybe_rotate();
+                    // What a burst of clients allocated goes back to the kernel.
+                    crate::daemon::trim_heap();
                 }
             }
             _ = term.recv() => break,
