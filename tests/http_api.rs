@@ -255,7 +255,10 @@ fn wrong_keys_are_rate_limited_per_address_and_bad_input_changes_nothing() {
     assert!(r.header("x-injected").is_none(), "{:?}", r.headers);
     let r = raw(
         addr,
-        format!("GET /api/v1/health?a=1\r\nX-Injected: 1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes(),
+        format!(
+            "GET /api/v1/health?a=1\r\nX-Injected: 1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+        )
+        .as_bytes(),
     );
     assert!(parse(&r).is_ok_and(|r| r.status == 400) || r.is_empty());
     let r = raw(addr, b"GET /api/v1/st\x01atus HTTP/1.1\r\n\r\n");
