@@ -67,14 +67,18 @@ pub fn open_daemon(pid: i32, slot: SlotName, dir: &Path) -> Option<std::os::fd::
     (daemon_slot(pid, dir) == Some(slot)).then_some(fd)
 }
 
-/// Every daemon of `dir`, in pid order.
-pub fn daemons_of(dir: &Path) -> Vec<Found> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut found: Vec<Found> = entries
+/// Every process's pid, as /proc lists them (none if /proc cannot be read).
+pub fn pids() -> impl Iterator<Item = i32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+}
+
+/// Every daemon of `dir`, in pid order.
+pub fn daemons_of(dir: &Path) -> Vec<Found> {
+    let mut found: Vec<Found> = pids()
         .filter_map(|pid| {
             Some(Found {
                 pid,

@@ -187,13 +187,29 @@ pub fn run(common: &Common, json: bool) -> Result<i32, String> {
             (v, reasons)
         }
     };
+    Ok(print(
+        &Report {
+            health: verdict,
+            reasons,
+            runtime_dir: dir.display().to_string(),
+        },
+        json,
+    ))
+}
+
+/// `health` as it prints, here or over `--api`; the verdict's exit code.
+pub fn print(r: &Report, json: bool) -> i32 {
     if json {
-        print!("{}", report_json(verdict, reasons, &dir));
+        // A struct of strings and an enum: serializing cannot fail.
+        println!(
+            "{}",
+            serde_json::to_string_pretty(r).expect("report serializes")
+        );
     } else {
-        println!("{}", verdict.word());
-        for r in &reasons {
-            println!("  - {r}");
+        println!("{}", r.health.word());
+        for why in &r.reasons {
+            println!("  - {why}");
         }
     }
-    Ok(verdict.exit_code())
+    r.health.exit_code()
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::health::{Report, Verdict};
+use super::health::Report;
 use super::status::{NOT_RUNNING, Snapshot};
 use crate::config::Config;
 use crate::http::client::{Answer, Api};
@@ -228,18 +228,7 @@ fn status(api: &Api, json: bool) -> Result<i32, String> {
     let Some(s) = snapshot(api)? else {
         return Ok(NOT_RUNNING);
     };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
-        );
-    } else {
-        print!(
-            "{}",
-            super::status::render(&s, super::status::colours_wanted())
-        );
-    }
-    Ok(if s.whole && s.services_ready { 0 } else { 1 })
+    super::status::print(&s, json)
 }
 
 fn health(api: &Api, json: bool) -> Result<i32, String> {
@@ -249,15 +238,7 @@ fn health(api: &Api, json: bool) -> Result<i32, String> {
     }
     let r: Report =
         serde_json::from_slice(&a.body).map_err(|e| format!("the health answer: {e}"))?;
-    if json {
-        print!("{}", String::from_utf8_lossy(&a.body));
-    } else {
-        println!("{}", r.health.word());
-        for why in &r.reasons {
-            println!("  - {why}");
-        }
-    }
-    Ok(Verdict::exit_code(r.health))
+    Ok(super::health::print(&r, json))
 }
 
 fn pid(api: &Api, name: &str) -> Result<i32, String> {
@@ -399,12 +380,7 @@ fn scale(api: &Api, assignments: &[String]) -> Result<i32, String> {
     }
     let mut body = serde_json::Map::new();
     for a in assignments {
-        let (what, n) = a
-            .split_once('=')
-            .ok_or_else(|| format!("`{a}` is not NAME=COUNT (like workflow=8 or web=3)"))?;
-        let n: u32 = n
-            .parse()
-            .map_err(|_| format!("`{n}` is not a count in `{a}`"))?;
+        let (what, n) = super::steer::assignment(a)?;
         body.insert(what.to_string(), json!(n));
     }
     let t0 = Instant::now();

@@ -151,13 +151,18 @@ pub fn run(common: &Common, json: bool, watch: bool) -> Result<i32, String> {
             return Ok(NOT_RUNNING);
         }
     };
+    print(&snap, json)
+}
+
+/// `status` as it prints, here or over `--api`; the exit code: 0 whole, 1 degraded.
+pub fn print(snap: &Snapshot, json: bool) -> Result<i32, String> {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&snap).map_err(|e| e.to_string())?
+            serde_json::to_string_pretty(snap).map_err(|e| e.to_string())?
         );
     } else {
-        print!("{}", render(&snap, colours_wanted()));
+        print!("{}", render(snap, colours_wanted()));
     }
     Ok(if snap.whole && snap.services_ready {
         0
@@ -195,17 +200,17 @@ fn row(m: &Member, ages: &HashMap<(SlotName, i32), u64>, timeout_ms: u64) -> Row
     let uptime = live
         .then(|| Some(procscan::uptime_secs()? - procscan::start_ticks(m.pid)? as f64 / hz))
         .flatten();
-    let cpu = live
-        .then(|| {
-            let up = uptime?;
-            let cpu = procscan::cpu_ticks(m.pid)? as f64 / hz;
-            Some(if up > 0.0 {
-                (cpu / up * 1000.0).round() / 10.0
-            } else {
-                0.0
-            })
-        })
+    // CPU time so far, read once: the average since start and the running total.
+    let cpu_s = live
+        .then(|| procscan::cpu_ticks(m.pid).map(|t| t as f64 / hz))
         .flatten();
+    let cpu = cpu_s.zip(uptime).map(|(cpu, up)| {
+        if up > 0.0 {
+            (cpu / up * 1000.0).round() / 10.0
+        } else {
+            0.0
+        }
+    });
     Row {
         role: m.role,
         id: m.id,
@@ -214,9 +219,7 @@ fn row(m: &Member, ages: &HashMap<(SlotName, i32), u64>, timeout_ms: u64) -> Row
         master: m.master,
         uptime_s: uptime.map(|u| (u * 10.0).round() / 10.0),
         cpu_percent: cpu,
-        cpu_seconds: live
-            .then(|| procscan::cpu_ticks(m.pid).map(|t| (t as f64 / hz * 100.0).round() / 100.0))
-            .flatten(),
+        cpu_seconds: cpu_s.map(|c| (c * 100.0).round() / 100.0),
         rss_kib: live.then(|| procscan::rss_kib(m.pid)).flatten(),
         // The master hears nothing itself; a slot's age is the freshest any watchdog saw.
         heartbeat_age_ms: ages.get(&(m.slot(), m.pid)).copied(),

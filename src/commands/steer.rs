@@ -96,6 +96,17 @@ pub fn scale(common: &Common, assignments: &[String]) -> Result<(), String> {
     apply(&dir, &cfg)
 }
 
+/// `web=3` as a name and a count.
+pub fn assignment(a: &str) -> Result<(&str, u32), String> {
+    let (what, n) = a
+        .split_once('=')
+        .ok_or_else(|| format!("`{a}` is not NAME=COUNT (like workflow=8 or web=3)"))?;
+    let n = n
+        .parse()
+        .map_err(|_| format!("`{n}` is not a count in `{a}`"))?;
+    Ok((what, n))
+}
+
 /// The running config with the counts of `assignments` (`workflow=8`, `web=3`), checked
 /// as a config file is.
 pub fn scaled(dir: &RuntimeDir, assignments: &[String]) -> Result<Config, String> {
@@ -104,12 +115,7 @@ pub fn scaled(dir: &RuntimeDir, assignments: &[String]) -> Result<Config, String
     }
     let mut cfg = running_config(dir)?;
     for a in assignments {
-        let (what, n) = a
-            .split_once('=')
-            .ok_or_else(|| format!("`{a}` is not NAME=COUNT (like workflow=8 or web=3)"))?;
-        let n: u32 = n
-            .parse()
-            .map_err(|_| format!("`{n}` is not a count in `{a}`"))?;
+        let (what, n) = assignment(a)?;
         if let Some(spec) = cfg.services.iter_mut().find(|s| s.name == what) {
             spec.instances = n;
             continue;

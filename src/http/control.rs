@@ -13,7 +13,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
 
-use super::server::{Body, Query, Server, blocking, error, header_str, json_bytes, now_ms};
+use super::server::{Body, Query, Server, blocking, error, header_str, json_bytes};
 use super::session::{self, LIFETIME_MS};
 use crate::client;
 use crate::commands::{steer, task};
@@ -48,7 +48,7 @@ impl Server {
                 "sessions are unavailable (see the server's log)",
             );
         };
-        let (cookie, csrf) = sessions.issue(&entry, now_ms());
+        let (cookie, csrf) = sessions.issue(&entry, crate::ledger::unix_ms_now());
         log::info!("dashboard login with key `{}`", entry.name);
         let body = json!({"name": entry.name, "scope": entry.scope.as_str(), "csrf": csrf});
         let mut r = json_bytes(StatusCode::OK, (body.to_string() + "\n").into());

@@ -66,22 +66,15 @@ fn parse_ip(hex: &str) -> Option<IpAddr> {
 fn owner_of(inodes: &[u64]) -> Option<(i32, String)> {
     let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
     // Bounded: /proc lists each process once.
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+    for pid in crate::procscan::pids() {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
         for fd in fds.flatten() {
             if let Ok(target) = std::fs::read_link(fd.path())
                 && wanted.iter().any(|w| target.as_os_str() == w.as_str())
             {
-                let comm = std::fs::read_to_string(entry.path().join("comm"))
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
                     .map(|c| c.trim().to_string())
                     .unwrap_or_else(|_| "?".into());
                 return Some((pid, comm));

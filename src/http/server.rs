@@ -99,6 +99,11 @@ impl Server {
         }
     }
 
+    /// Requests answered so far (the loop trims the heap only after some came).
+    pub fn answered(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
     /// Makes one status frame a second for every dashboard stream together (and one
     /// right after each ledger event), while at least one is open; none otherwise.
     pub async fn status_ticker(self: Arc<Self>) {
@@ -110,9 +115,14 @@ impl Server {
                 continue;
             }
             if let Ok(c) = &*self.snapshots.get().await {
-                let mut frame = Vec::with_capacity(c.status_json.len() + 32);
+                // The document, and the verdict `health` gives for it: the page shows
+                // the server's judgement rather than making its own.
+                let verdict = serde_json::json!({"health": c.verdict, "reasons": c.reasons});
+                let mut frame = Vec::with_capacity(c.status_json.len() + 256);
                 frame.extend_from_slice(b"event: status\ndata: ");
                 frame.extend_from_slice(&c.status_json);
+                frame.extend_from_slice(b"\n\nevent: health\ndata: ");
+                frame.extend_from_slice(verdict.to_string().as_bytes());
                 frame.extend_from_slice(b"\n\n");
                 self.status_frames.send_replace(frame.into());
             }
@@ -275,11 +285,13 @@ impl Server {
                 "sessions are unavailable (see the server's log)".into(),
             ));
         };
-        let claims = sessions.verify(&cookie, now_ms()).ok_or_else(|| {
-            Refusal::Unauthenticated(
-                "the session is not valid (expired or forged): log in again".into(),
-            )
-        })?;
+        let claims = sessions
+            .verify(&cookie, crate::ledger::unix_ms_now())
+            .ok_or_else(|| {
+                Refusal::Unauthenticated(
+                    "the session is not valid (expired or forged): log in again".into(),
+                )
+            })?;
         let entry = self
             .keys
             .lock()
@@ -343,12 +355,6 @@ impl Server {
     pub(super) fn record_failure(&self, peer: IpAddr) {
         self.failures.lock().unwrap().record(peer, Instant::now());
     }
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub(super) fn event_type_of(line: &str) -> Option<&str> {

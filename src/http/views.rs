@@ -164,8 +164,9 @@ impl Server {
 
     /// The ledger as Server-Sent Events: what follows `Last-Event-ID`, else the last `n`
     /// (default 20), then every new event as it is written (unless `follow=0`); with
-    /// `status=1` also `event: status` frames (the status document, each second and right
-    /// after each event): all a dashboard needs, on one connection.
+    /// `status=1` also `event: status` and `event: health` frames (the status document and
+    /// its verdict, each second and right after each event): all a dashboard needs, on one
+    /// connection.
     pub(super) fn events(&self, req: &Request<Incoming>) -> Response<Body> {
         let q = Query::parse(req.uri().query());
         let n = match q.number("n", 20, 100_000) {

@@ -81,6 +81,7 @@ async fn main_loop(mut ctx: DaemonCtx) -> Result<(), String> {
         retry_at: Instant::now(),
     };
     log::info!("http daemon {} starting on {}", ctx.slot, l.settings.listen);
+    let mut trimmed_at = 0;
     // Bounded by the daemon's life: each turn handles one event.
     loop {
         if l.task.is_none() && Instant::now() >= l.retry_at {
@@ -94,8 +95,12 @@ async fn main_loop(mut ctx: DaemonCtx) -> Result<(), String> {
             _ = tokio::time::sleep_until(wake.into()) => {
                 if heart.tick(Instant::now()).is_some() {
                     log.maybe_rotate();
-                    // What a burst of clients allocated goes back to the kernel.
-                    crate::daemon::trim_heap();
+                    // What a burst of clients allocated goes back to the kernel; an idle
+                    // server has nothing to give back and skips the heap walk.
+                    if server.answered() != trimmed_at {
+                        trimmed_at = server.answered();
+                        crate::daemon::trim_heap();
+                    }
                 }
             }
             _ = term.recv() => break,
